@@ -1,0 +1,22 @@
+"""Process lifecycle: one stop event, set by SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+logger = logging.getLogger(__name__)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """Make SIGTERM and SIGINT set `stop` (a second signal is left to the default)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        logger.info("stop requested signal=%s", signal.Signals(signum).name)
+        stop.set()
+        loop.remove_signal_handler(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

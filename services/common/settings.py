@@ -1,0 +1,136 @@
+"""Settings groups shared by the services (Kafka, PostgreSQL, control plane, logging).
+
+Each service composes these into its own `pydantic-settings` class with its own env
+prefix (`FLYWHEEL_GATEWAY_`, ...). Nested groups read `__`-separated variables, e.g.
+`FLYWHEEL_GATEWAY_KAFKA__BOOTSTRAP_SERVERS`. Shared values can also be given once
+without the service prefix (`FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`), which is what
+`flywheel up` does for the processes it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    """Where the broker is and how to name topics."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = "flywheel."
+    # Partitions declared for every topic Flywheel creates; collectors and analyzers
+    # scale up to this many replicas.
+    partitions: int = Field(default=4, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    # Off against the embedded broker, which does not implement InitProducerId;
+    # de-duplication by event_id gives exactly-once effects without it.
+    enable_idempotence: bool = False
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if value and not value.endswith("."):
+            raise ValueError(f"topic_prefix must end with '.', got {value!r}")
+        if value != value.lower():
+            raise ValueError(f"topic_prefix must be lowercase, got {value!r}")
+        return value
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options common to aiokafka producers, consumers and admins."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": int(self.request_timeout_s * 1000),
+        }
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        return options
+
+
+class PostgresSettings(BaseModel):
+    """Where PostgreSQL is; `db_schema` isolates one deployment (or one test)."""
+
+    dsn: SecretStr = SecretStr("postgresql://flywheel@127.0.0.1:5433/flywheel")
+    db_schema: str = Field(default="flywheel", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=5, ge=1)
+    command_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ControlPlaneSettings(BaseModel):
+    """How to reach the trainer's gRPC control plane and authenticate to it."""
+
+    address: str = "127.0.0.1:50051"
+    token: SecretStr = SecretStr("flywheel-dev-token")
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    reconnect_max_backoff_s: float = Field(default=10.0, gt=0)
+
+
+class LoggingSettings(BaseModel):
+    """Log format and level: JSON lines when deployed, plain text locally."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = False
+
+
+def shared_env_defaults(prefix: str = "FLYWHEEL_") -> dict[str, str]:
+    """Variables given once for every service (`FLYWHEEL_KAFKA__...`), as a mapping."""
+    groups = ("KAFKA__", "POSTGRES__", "CONTROL__", "LOGGING__")
+    return {
+        key.removeprefix(prefix): value
+        for key, value in os.environ.items()
+        if key.startswith(prefix) and key.removeprefix(prefix).startswith(groups)
+    }
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's settings: the shared groups plus the service's own."""
+
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__", extra="ignore", case_sensitive=False
+    )
+
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Any:
+        """Build the settings from the shared variables, the service's own, then overrides.
+
+        Precedence, lowest first: defaults, `FLYWHEEL_<GROUP>__*`, the service-prefixed
+        variables, explicit keyword overrides.
+        """
+        shared: dict[str, Any] = {}
+        for key, value in shared_env_defaults().items():
+            group, _, field = key.lower().partition("__")
+            shared.setdefault(group, {})[field] = value
+        own = cls()
+        merged = _deep_merge(shared, own.model_dump(exclude_unset=True))
+        merged = _deep_merge(merged, overrides)
+        return cls.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
