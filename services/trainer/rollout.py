@@ -1,0 +1,264 @@
+"""The rollout controller: moves a candidate through canary steps, promotes or rolls back.
+
+All state lives in PostgreSQL (registry, rollouts, routing-table versions), and every
+change happens in one transaction under an advisory lock, so a controller killed
+mid-step resumes exactly where the database says it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from services.common.routing import BUCKETS, Route, RoutingTable, Variant
+from services.trainer.store import ROLLOUT_LOCK, ModelVersion, Registry, Rollout
+
+logger = logging.getLogger(__name__)
+
+CONTROL_ARM = "control"
+TREATMENT_ARM = "treatment"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the controller did, and the routing-table version it left live."""
+
+    action: str
+    routing_version: int
+    reason: str = ""
+
+
+def variant_of(version: ModelVersion, weight_buckets: int, arm: str = "") -> Variant:
+    return Variant(
+        name=version.version_id,
+        base_url=version.upstream_url,
+        model=version.base_model,
+        adapter=version.adapter or "",
+        weight_buckets=weight_buckets,
+        model_version=version.version_id,
+        arm=arm,
+    )
+
+
+def production_route(route: str, production: ModelVersion) -> Route:
+    return Route(name=route, variants=(variant_of(production, BUCKETS),))
+
+
+def canary_route(
+    route: str, candidate: ModelVersion, baseline: ModelVersion, percent: int, experiment: str
+) -> Route:
+    # The canary is listed first: growing its share only adds buckets to it, so every
+    # user already in the canary stays there (see services/common/routing.py).
+    canary_buckets = percent * BUCKETS // 100
+    return Route(
+        name=route,
+        experiment_id=experiment,
+        variants=(
+            variant_of(candidate, canary_buckets, TREATMENT_ARM),
+            variant_of(baseline, BUCKETS - canary_buckets, CONTROL_ARM),
+        ),
+    )
+
+
+class RolloutController:
+    """Applies verdicts and manual actions to rollouts; owns the routing table."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        schema: str,
+        on_table: Callable[[RoutingTable], Awaitable[None]] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._schema = schema
+        self._on_table = on_table
+
+    async def _locked(self, connection: asyncpg.Connection) -> None:
+        await connection.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1), $2)", self._schema, ROLLOUT_LOCK
+        )
+
+    async def _still_current(self, connection: asyncpg.Connection, rollout: Rollout) -> bool:
+        """Whether `rollout` is still running at the same step (under the lock)."""
+        row = await connection.fetchrow(
+            "SELECT state, step_index FROM rollouts WHERE rollout_id = $1 FOR UPDATE",
+            rollout.rollout_id,
+        )
+        return bool(row and row["state"] == "running" and row["step_index"] == rollout.step_index)
+
+    async def _publish(self, table: RoutingTable) -> None:
+        if self._on_table is not None:
+            await self._on_table(table)
+
+    async def _replace_route(
+        self, connection: asyncpg.Connection, route: Route, reason: str
+    ) -> RoutingTable:
+        current = await self._registry.routing_table()
+        routes = dict(current.routes)
+        routes[route.name] = route
+        return await self._registry.write_routing_table(
+            connection, RoutingTable(version=current.version, routes=routes), reason
+        )
+
+    async def ensure_bootstrap(
+        self, route: str, *, base_model: str, upstream_url: str
+    ) -> RoutingTable:
+        """Register the base model as production and route to it, once per route."""
+        async with self._registry.pool.acquire() as connection, connection.transaction():
+            await self._locked(connection)
+            if await self._registry.production(route) is not None:
+                return await self._registry.routing_table()
+            base = ModelVersion(
+                version_id=f"{route}-v1", route=route, base_model=base_model,
+                adapter=None, upstream_url=upstream_url, state="production",
+            )
+            await self._registry.register_version(connection, base)
+            table = await self._replace_route(
+                connection, production_route(route, base), "bootstrap"
+            )
+        logger.info("route bootstrapped route=%s version=%s", route, base.version_id)
+        await self._publish(table)
+        return table
+
+    async def start(self, candidate: ModelVersion, steps: list[int]) -> Rollout:
+        """Give a staged candidate its first canary step."""
+        async with self._registry.pool.acquire() as connection, connection.transaction():
+            await self._locked(connection)
+            baseline = await self._registry.production(candidate.route)
+            if baseline is None:
+                raise LookupError(f"route {candidate.route!r} has no production version")
+            rollout = Rollout(
+                rollout_id=f"ro-{uuid.uuid4().hex[:8]}", route=candidate.route,
+                candidate=candidate.version_id, baseline=baseline.version_id,
+                steps=steps, step_index=0, state="running",
+            )
+            await connection.execute(
+                "INSERT INTO rollouts (rollout_id, route, candidate, baseline, steps,"
+                " step_index, state) VALUES ($1, $2, $3, $4, $5, 0, 'running')",
+                rollout.rollout_id, rollout.route, rollout.candidate, rollout.baseline,
+                steps,
+            )
+            await self._registry.set_state(connection, candidate.version_id, "canary")
+            route = canary_route(
+                candidate.route, candidate, baseline, steps[0], rollout.experiment_id
+            )
+            table = await self._replace_route(connection, route, f"canary {steps[0]}%")
+            await self._registry.record_decision(
+                connection, rollout.rollout_id, action="started", source="pipeline",
+                reason=f"canary at {steps[0]}%", verdict=None,
+                routing_version=table.version,
+            )
+        logger.info(
+            "rollout started rollout=%s candidate=%s percent=%d",
+            rollout.rollout_id, candidate.version_id, steps[0],
+        )
+        await self._publish(table)
+        return rollout
+
+    async def on_verdict(self, route: str, verdict: dict[str, Any]) -> Outcome:
+        """Act on the analyzer's verdict for the running rollout of `route`."""
+        rollout = await self._registry.running_rollout(route)
+        current = await self._registry.routing_table()
+        if rollout is None or verdict.get("experiment_id") != rollout.experiment_id:
+            return Outcome("ignored", current.version, "no running step with that experiment")
+        decision = verdict.get("decision")
+        if decision == "promote":
+            return await self._advance(rollout, "analyzer", verdict.get("reason", ""), verdict)
+        if decision == "roll_back":
+            return await self._roll_back(rollout, "analyzer", verdict.get("reason", ""), verdict)
+        return Outcome("held", current.version, "experiment continues")
+
+    async def promote(self, route: str, reason: str) -> Outcome:
+        """Move the running rollout one step on, by hand."""
+        rollout = await self._registry.running_rollout(route)
+        if rollout is None:
+            raise LookupError(f"route {route!r} has no running rollout")
+        return await self._advance(rollout, "manual", reason, None)
+
+    async def roll_back(self, route: str, reason: str) -> Outcome:
+        """Send all traffic back to the baseline at once, by hand."""
+        rollout = await self._registry.running_rollout(route)
+        if rollout is None:
+            raise LookupError(f"route {route!r} has no running rollout")
+        return await self._roll_back(rollout, "manual", reason, None)
+
+    async def _advance(
+        self, rollout: Rollout, source: str, reason: str, verdict: dict[str, Any] | None
+    ) -> Outcome:
+        candidate = await self._registry.version(rollout.candidate)
+        baseline = await self._registry.version(rollout.baseline)
+        assert candidate is not None and baseline is not None
+        next_index = rollout.step_index + 1
+        async with self._registry.pool.acquire() as connection, connection.transaction():
+            await self._locked(connection)
+            if not await self._still_current(connection, rollout):
+                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+            if next_index < len(rollout.steps):
+                percent = rollout.steps[next_index]
+                action = "advanced"
+                experiment = f"{rollout.rollout_id}-s{next_index}"
+                route = canary_route(rollout.route, candidate, baseline, percent, experiment)
+                await connection.execute(
+                    "UPDATE rollouts SET step_index = $2, updated_at = now()"
+                    " WHERE rollout_id = $1",
+                    rollout.rollout_id, next_index,
+                )
+                table_reason = f"canary {percent}%"
+            else:
+                action = "promoted"
+                route = production_route(rollout.route, candidate)
+                await connection.execute(
+                    "UPDATE rollouts SET state = 'promoted', updated_at = now()"
+                    " WHERE rollout_id = $1",
+                    rollout.rollout_id,
+                )
+                await self._registry.set_state(connection, candidate.version_id, "production")
+                await self._registry.set_state(connection, baseline.version_id, "retired")
+                table_reason = f"promoted {candidate.version_id}"
+            table = await self._replace_route(connection, route, table_reason)
+            await self._registry.record_decision(
+                connection, rollout.rollout_id, action=action, source=source,
+                reason=reason, verdict=verdict, routing_version=table.version,
+            )
+        logger.info(
+            "rollout %s rollout=%s source=%s reason=%s", action, rollout.rollout_id,
+            source, reason,
+        )
+        await self._publish(table)
+        return Outcome(action, table.version, reason)
+
+    async def _roll_back(
+        self, rollout: Rollout, source: str, reason: str, verdict: dict[str, Any] | None
+    ) -> Outcome:
+        baseline = await self._registry.version(rollout.baseline)
+        assert baseline is not None
+        async with self._registry.pool.acquire() as connection, connection.transaction():
+            await self._locked(connection)
+            if not await self._still_current(connection, rollout):
+                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+            await connection.execute(
+                "UPDATE rollouts SET state = 'rolled_back', updated_at = now()"
+                " WHERE rollout_id = $1",
+                rollout.rollout_id,
+            )
+            await self._registry.set_state(connection, rollout.candidate, "rolled_back")
+            table = await self._replace_route(
+                connection, production_route(rollout.route, baseline),
+                f"rolled back {rollout.candidate}",
+            )
+            await self._registry.record_decision(
+                connection, rollout.rollout_id, action="rolled_back", source=source,
+                reason=reason, verdict=verdict, routing_version=table.version,
+            )
+        logger.warning(
+            "rollout rolled back rollout=%s source=%s reason=%s",
+            rollout.rollout_id, source, reason,
+        )
+        await self._publish(table)
+        return Outcome("rolled_back", table.version, reason)
