@@ -1,0 +1,272 @@
+"""The intake: read a batch, validate, store, dead-letter, then commit its offsets.
+
+Order matters for at-least-once reading with exactly-once effects: rows are
+committed in PostgreSQL and dead letters acknowledged by Kafka before the batch's
+offsets are committed. A crash anywhere before that replays the batch, and the
+event_id key turns the replay into counted duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from services.collector import metrics
+from services.collector.errors import CollectorError, CommitUnavailableError
+from services.collector.handlers import (
+    Event,
+    EventKind,
+    Rejection,
+    RejectReason,
+    build_dead_letter,
+    feedback_row,
+    interaction_row,
+    parse_record,
+)
+from services.collector.publisher import DeadLetterPublisher
+from services.collector.settings import CollectorSettings
+from services.collector.store import EventStore, RowRefusedError
+from services.common.events import Feedback, Interaction
+from services.common.kafka import Topics
+
+logger = logging.getLogger(__name__)
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+Batch: TypeAlias = dict[TopicPartition, list[Record]]
+T = TypeVar("T")
+
+
+class BatchAbandonedError(Exception):
+    """Stop was requested while a batch waited on a dependency; it is not committed."""
+
+
+@dataclass(frozen=True)
+class Sorted:
+    """A batch split into events to store and records to dead-letter."""
+
+    accepted: list[tuple[Record, Event]]
+    rejected: list[tuple[Record, Rejection]]
+
+
+class EventConsumer:
+    """Consumes interactions and feedback in batches until the stop event is set."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        store: EventStore,
+        publisher: DeadLetterPublisher,
+        settings: CollectorSettings,
+    ) -> None:
+        topics = Topics(settings.kafka.topic_prefix)
+        self._kinds = {
+            topics.interactions: EventKind.INTERACTION,
+            topics.feedback: EventKind.FEEDBACK,
+        }
+        self._topic_of = {kind: topic for topic, kind in self._kinds.items()}
+        self._consumer = consumer
+        self._store = store
+        self._publisher = publisher
+        self._settings = settings
+        self._assignment: frozenset[TopicPartition] = frozenset()
+        self.totals: Counter[str] = Counter()
+
+    async def consume_loop(self, stop: asyncio.Event) -> None:
+        """Process batches until `stop` is set; the batch in hand is finished first."""
+        while not stop.is_set():
+            batch = await self._consumer.getmany(
+                timeout_ms=self._settings.batch_timeout_ms,
+                max_records=self._settings.max_batch_size,
+            )
+            self._maybe_log_assignment()
+            if batch:
+                try:
+                    await self.process_batch(batch, stop)
+                except BatchAbandonedError:
+                    logger.warning(
+                        "batch abandoned uncommitted at stop; it will replay"
+                    )
+                    return
+            await self._update_lag()
+
+    async def process_batch(self, batch: Batch, stop: asyncio.Event) -> None:
+        """Validate, store, dead-letter and commit one batch, in that order."""
+        started = time.monotonic()
+        records = [record for partition in batch.values() for record in partition]
+        for record in records:
+            metrics.EVENTS_CONSUMED.labels(record.topic).inc()
+
+        # 1. Pure validation: each record becomes an event or a rejection.
+        sorted_batch = self._sort(records)
+
+        # 2. Store the events; rows PostgreSQL itself refuses join the rejections.
+        refused = await self._retry(
+            lambda: self._store_events(sorted_batch.accepted), stop
+        )
+
+        # 3. Dead letters acknowledged before the offsets move past them.
+        rejected = sorted_batch.rejected + refused
+        await self._retry(lambda: self._publish_dead_letters(rejected), stop)
+
+        # 4. Commit the next offset of every partition in the batch.
+        await self._retry(lambda: self._commit(batch), stop)
+        self.totals.update(batches=1, consumed=len(records))
+        metrics.BATCH_SIZE.observe(len(records))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+
+    def _sort(self, records: Sequence[Record]) -> Sorted:
+        accepted: list[tuple[Record, Event]] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        for record in records:
+            outcome = parse_record(
+                self._kinds[record.topic],
+                record.value,
+                max_payload_bytes=self._settings.max_payload_bytes,
+            )
+            if isinstance(outcome, Rejection):
+                rejected.append((record, outcome))
+            else:
+                accepted.append((record, outcome))
+        return Sorted(accepted, rejected)
+
+    async def _store_events(
+        self, accepted: list[tuple[Record, Event]]
+    ) -> list[tuple[Record, Rejection]]:
+        try:
+            await self._insert([event for _, event in accepted])
+            return []
+        except RowRefusedError as error:
+            logger.warning("batch refused by PostgreSQL, storing one by one: %s", error)
+
+        # NOTE: one transaction per event only on this rare path, to find the rows
+        # PostgreSQL refuses; the others are stored and the refused dead-lettered.
+        refused: list[tuple[Record, Rejection]] = []
+        for record, event in accepted:
+            try:
+                await self._insert([event])
+            except RowRefusedError as error:
+                rejection = Rejection(RejectReason.STORAGE_REJECTED, str(error))
+                refused.append((record, rejection))
+        return refused
+
+    async def _insert(self, events: Sequence[Event]) -> None:
+        interactions = [event for event in events if isinstance(event, Interaction)]
+        feedback = [event for event in events if isinstance(event, Feedback)]
+        stored_interactions, stored_feedback = await self._store.insert_batch(
+            [interaction_row(event) for event in interactions],
+            [feedback_row(event) for event in feedback],
+        )
+        for kind, seen, stored in (
+            (EventKind.INTERACTION, len(interactions), stored_interactions),
+            (EventKind.FEEDBACK, len(feedback), stored_feedback),
+        ):
+            topic = self._topic_of[kind]
+            metrics.EVENTS_STORED.labels(topic).inc(stored)
+            metrics.EVENTS_DUPLICATE.labels(topic).inc(seen - stored)
+            self.totals.update(stored=stored, duplicates=seen - stored)
+
+    async def _publish_dead_letters(
+        self, rejected: Sequence[tuple[Record, Rejection]]
+    ) -> None:
+        letters = [
+            (
+                record.key,
+                build_dead_letter(
+                    rejection,
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    key=record.key,
+                    value=record.value,
+                    consumer=self._settings.group_id,
+                ),
+            )
+            for record, rejection in rejected
+        ]
+        await self._publisher.publish(letters)
+        for record, rejection in rejected:
+            logger.error(
+                "record dead-lettered topic=%s partition=%d offset=%d reason=%s "
+                "bytes=%d detail=%s",
+                record.topic,
+                record.partition,
+                record.offset,
+                rejection.reason,
+                len(record.value or b""),
+                rejection.detail,
+            )
+            metrics.EVENTS_DEADLETTERED.labels(record.topic, rejection.reason).inc()
+        self.totals.update(deadlettered=len(rejected))
+
+    async def _commit(self, batch: Batch) -> None:
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+        try:
+            async with asyncio.timeout(self._settings.kafka_timeout_s):
+                await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as error:
+            # The partitions moved to another member meanwhile: it replays from the
+            # last commit and the event_id key makes that harmless.
+            logger.warning("commit refused after a rebalance, will replay: %r", error)
+        except (KafkaError, TimeoutError) as error:
+            raise CommitUnavailableError(f"commit failed: {error!r}") from error
+
+    async def _retry(
+        self, operation: Callable[[], Awaitable[T]], stop: asyncio.Event
+    ) -> T:
+        """Run `operation`, retrying retriable errors with backoff until stop is set."""
+        delay_s = self._settings.store_retry_min_s
+        while True:
+            try:
+                return await operation()
+            except CollectorError as error:
+                if not error.retriable:
+                    raise
+                metrics.STORE_RETRIES.inc()
+                logger.warning("retrying in %.1f s, not committing: %s", delay_s, error)
+            if await wait_or_stop(stop, delay_s):
+                raise BatchAbandonedError
+            delay_s = min(delay_s * 2, self._settings.store_retry_max_s)
+
+    def _maybe_log_assignment(self) -> None:
+        assignment = frozenset(self._consumer.assignment())
+        if assignment != self._assignment:
+            self._assignment = assignment
+            logger.info(
+                "partitions assigned group=%s partitions=%s",
+                self._settings.group_id,
+                sorted(f"{tp.topic}/{tp.partition}" for tp in assignment),
+            )
+
+    async def _update_lag(self) -> None:
+        lag: Counter[str] = Counter({topic: 0 for topic in self._kinds})
+        try:
+            for tp in self._assignment:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                async with asyncio.timeout(self._settings.kafka_timeout_s):
+                    position = await self._consumer.position(tp)
+                lag[tp.topic] += max(highwater - position, 0)
+        except (KafkaError, TimeoutError, IllegalStateError) as error:
+            logger.debug("consumer lag not updated: %r", error)
+            return
+        for topic, value in lag.items():
+            metrics.CONSUMER_LAG.labels(topic).set(value)
+
+
+async def wait_or_stop(stop: asyncio.Event, delay_s: float) -> bool:
+    """Sleep `delay_s` or until stop is set; True when stop is set."""
+    try:
+        async with asyncio.timeout(delay_s):
+            await stop.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,303 @@
+"""Pure record processing: bytes in, a valid event or a rejection out; rows for SQL.
+
+No Kafka or database imports here, so every rule is testable on its own. The rules
+mirror what PostgreSQL would refuse later, because a record refused inside a batch
+insert would otherwise fail the whole batch again on every replay.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from services.common.events import (
+    FEEDBACK_SCHEMA_VERSION,
+    INTERACTION_SCHEMA_VERSION,
+    DeadLetter,
+    Feedback,
+    Interaction,
+)
+
+# Columns of `integer` type are 32-bit signed in PostgreSQL.
+MAX_INT4 = 2**31 - 1
+MAX_DETAIL_CHARS = 2_000
+# Dead letters get a stable id per source record, so a replayed batch re-publishes
+# the same dead letter and a reader can de-duplicate it by event_id.
+DEAD_LETTER_NAMESPACE = uuid.UUID("6f1c2f4e-5b1a-4c39-9a43-0d7f3c1a2b10")
+
+
+class EventKind(StrEnum):
+    """Which event a topic carries."""
+
+    INTERACTION = "interaction"
+    FEEDBACK = "feedback"
+
+
+KNOWN_SCHEMA_VERSIONS = {
+    EventKind.INTERACTION: INTERACTION_SCHEMA_VERSION,
+    EventKind.FEEDBACK: FEEDBACK_SCHEMA_VERSION,
+}
+
+
+class RejectReason(StrEnum):
+    """Why a record was dead-lettered (the `reason` label of the metric)."""
+
+    OVERSIZED_PAYLOAD = "oversized_payload"
+    EMPTY_PAYLOAD = "empty_payload"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    NUL_CHARACTER = "nul_character"
+    VALIDATION_ERROR = "validation_error"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    STORAGE_REJECTED = "storage_rejected"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record that cannot be stored: the reason and a human-readable detail."""
+
+    reason: RejectReason
+    detail: str
+
+
+Event = Interaction | Feedback
+
+
+def parse_record(
+    kind: EventKind, value: bytes | None, *, max_payload_bytes: int
+) -> Event | Rejection:
+    """Validate one record's value as an event of `kind`, or say why it is refused."""
+    if value is None or not value:
+        return Rejection(RejectReason.EMPTY_PAYLOAD, "record has no value")
+    if len(value) > max_payload_bytes:
+        return Rejection(
+            RejectReason.OVERSIZED_PAYLOAD,
+            f"{len(value)} bytes, more than max_payload_bytes={max_payload_bytes}",
+        )
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Rejection(RejectReason.INVALID_UTF8, str(error))
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        return Rejection(RejectReason.INVALID_JSON, _clip(str(error)))
+    if not isinstance(data, dict):
+        return Rejection(
+            RejectReason.NOT_AN_OBJECT,
+            f"expected a JSON object, got {_json_type(data)}",
+        )
+    return _parse_object(kind, data)
+
+
+def _parse_object(kind: EventKind, data: dict[str, Any]) -> Event | Rejection:
+    version = data.get("schema_version")
+    known = KNOWN_SCHEMA_VERSIONS[kind]
+    if isinstance(version, int) and not isinstance(version, bool) and version > known:
+        return Rejection(
+            RejectReason.UNSUPPORTED_SCHEMA_VERSION,
+            f"{kind} schema_version {version}, this collector knows up to {known}",
+        )
+    nul_path = find_nul(data)
+    if nul_path is not None:
+        return Rejection(
+            RejectReason.NUL_CHARACTER,
+            f"NUL character (\\u0000) at {nul_path}; PostgreSQL text refuses it",
+        )
+    try:
+        event: Event = (
+            Interaction.model_validate(data)
+            if kind is EventKind.INTERACTION
+            else Feedback.model_validate(data)
+        )
+    except ValidationError as error:
+        return Rejection(RejectReason.VALIDATION_ERROR, describe_validation(error))
+    if isinstance(event, Interaction):
+        usage = event.usage
+        if max(usage.prompt_tokens, usage.completion_tokens) > MAX_INT4:
+            return Rejection(
+                RejectReason.VALUE_OUT_OF_RANGE,
+                f"token counts must be at most {MAX_INT4}",
+            )
+    return event
+
+
+def find_nul(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first string (or key) holding a NUL character, if any."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return f"{path} (a key)"
+            found = find_nul(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_nul(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def describe_validation(error: ValidationError) -> str:
+    """Where and why validation failed, never echoing the input (it may be private)."""
+    parts = [
+        f"{'.'.join(str(step) for step in item['loc']) or '$'}: {item['msg']}"
+        for item in error.errors(include_url=False, include_input=False)
+    ]
+    return _clip("; ".join(parts))
+
+
+def build_dead_letter(
+    rejection: Rejection,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    consumer: str,
+) -> DeadLetter:
+    """The dead-letter event for one refused record, with its original bytes."""
+    return DeadLetter(
+        event_id=uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"),
+        reason=rejection.reason.value,
+        detail=_clip(rejection.detail),
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+        original_key_b64=base64.b64encode(key).decode() if key is not None else None,
+        original_value_b64=base64.b64encode(value or b"").decode(),
+        consumer=consumer,
+    )
+
+
+INTERACTION_COLUMNS = (
+    "event_id",
+    "interaction_id",
+    "project_id",
+    "session_id",
+    "user_id",
+    "route",
+    "variant",
+    "model_version",
+    "upstream_model",
+    "experiment_id",
+    "arm",
+    "request_messages",
+    "request_params",
+    "response_text",
+    "finish_reason",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "latency_s",
+    "ttft_s",
+    "stream",
+    "metadata",
+    "started_at",
+    "finished_at",
+)
+
+FEEDBACK_COLUMNS = (
+    "event_id",
+    "interaction_id",
+    "project_id",
+    "kind",
+    "value",
+    "text",
+    "user_id",
+    "created_at",
+)
+
+
+def interaction_row(event: Interaction) -> tuple[Any, ...]:
+    """The `interactions` row of an event, in INTERACTION_COLUMNS order.
+
+    jsonb columns are JSON text: a list passed in an array parameter would read as
+    one more array dimension.
+    """
+    messages = event.request_messages
+    return (
+        event.event_id,
+        event.interaction_id,
+        event.project_id,
+        event.session_id,
+        event.user_id,
+        event.route,
+        event.variant,
+        event.model_version,
+        event.upstream_model,
+        event.experiment_id,
+        event.arm,
+        to_json([message.model_dump(mode="json") for message in messages]),
+        to_json(event.request_params),
+        event.response_text,
+        event.finish_reason,
+        to_json(event.error.model_dump(mode="json")) if event.error else None,
+        event.usage.prompt_tokens,
+        event.usage.completion_tokens,
+        event.cost_usd,
+        event.latency_s,
+        event.time_to_first_token_s,
+        event.stream,
+        to_json(event.metadata),
+        as_utc(event.started_at),
+        as_utc(event.finished_at),
+    )
+
+
+def feedback_row(event: Feedback) -> tuple[Any, ...]:
+    """The `feedback` row of an event, in FEEDBACK_COLUMNS order."""
+    return (
+        event.event_id,
+        event.interaction_id,
+        event.project_id,
+        event.kind.value,
+        event.value,
+        event.text,
+        event.user_id,
+        as_utc(event.created_at),
+    )
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A timezone-aware datetime; a naive one is taken to be UTC already."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def to_json(value: Any) -> str:
+    """A jsonb column's value as JSON text (the insert casts it to jsonb)."""
+    return orjson.dumps(value).decode()
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_DETAIL_CHARS:
+        return text
+    return text[: MAX_DETAIL_CHARS - 1] + "…"

@@ -1,0 +1,82 @@
+"""Every metric the collector exports, declared once, and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+EVENTS_CONSUMED = Counter(
+    "flywheel_collector_events_consumed_total",
+    "Records read from Kafka, valid or not.",
+    ["topic"],
+)
+EVENTS_STORED = Counter(
+    "flywheel_collector_events_stored_total",
+    "Events inserted into PostgreSQL (first time seen).",
+    ["topic"],
+)
+EVENTS_DUPLICATE = Counter(
+    "flywheel_collector_events_duplicate_total",
+    "Valid events not inserted because their event_id (or interaction_id) was stored.",
+    ["topic"],
+)
+EVENTS_DEADLETTERED = Counter(
+    "flywheel_collector_events_deadlettered_total",
+    "Records sent to the dead-letter topic, by reason.",
+    ["topic", "reason"],
+)
+STORE_RETRIES = Counter(
+    "flywheel_collector_store_retries_total",
+    "Batches retried because PostgreSQL could not take them.",
+)
+BATCH_SIZE = Histogram(
+    "flywheel_collector_batch_size",
+    "Records per processed batch.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+BATCH_SECONDS = Histogram(
+    "flywheel_collector_batch_seconds",
+    "Time to validate, store, dead-letter and commit one batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CONSUMER_LAG = Gauge(
+    "flywheel_collector_consumer_lag",
+    "Records behind the high watermark, summed over assigned partitions.",
+    ["topic"],
+)
+ORPHAN_FEEDBACK = Gauge(
+    "flywheel_collector_orphan_feedback",
+    "Feedback rows (in the orphan window) whose interaction is not stored.",
+)
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint on its own thread; `stop` is idempotent."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Serve /metrics; does nothing when the port is 0."""
+        if self._port == 0:
+            return
+        self._server, self._thread = start_http_server(self._port, addr=self._host)
+        logger.info("metrics served host=%s port=%d", self._host, self._port)
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None

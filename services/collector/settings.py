@@ -1,0 +1,49 @@
+"""The collector's settings (env prefix `FLYWHEEL_COLLECTOR_`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import KafkaSettings, PostgresSettings, ServiceSettings
+
+MIB = 1024 * 1024
+
+
+class CollectorSettings(ServiceSettings):
+    """How the collector consumes, batches, stores and reports."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_COLLECTOR_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+
+    group_id: str = "collector"
+    client_id: str = "flywheel-collector"
+    max_batch_size: int = Field(default=500, ge=1, le=50_000)
+    batch_timeout_ms: int = Field(default=500, ge=1, le=60_000)
+    # Larger records are dead-lettered unread (reason `oversized_payload`).
+    max_payload_bytes: int = Field(default=MIB, ge=1024)
+    # Runs the shared migrations at start; the embedded default relies on it.
+    migrate_on_start: bool = True
+
+    # Backoff while PostgreSQL is unavailable: doubles from min to max.
+    store_retry_min_s: float = Field(default=0.2, gt=0)
+    store_retry_max_s: float = Field(default=10.0, gt=0)
+    kafka_timeout_s: float = Field(default=30.0, gt=0)
+
+    # 0 turns the /metrics endpoint off (the metrics are still kept in-process).
+    metrics_port: int = Field(default=9101, ge=0, le=65_535)
+    # NOTE: loopback by default; a deployment that is scraped from another host
+    # sets FLYWHEEL_COLLECTOR_METRICS_HOST=0.0.0.0.
+    metrics_host: str = "127.0.0.1"
+    orphan_refresh_s: float = Field(default=30.0, gt=0)
+    # Feedback stored within this window is checked for a missing interaction
+    # (an index range scan instead of the whole table); 0 checks every row.
+    orphan_window_s: float = Field(default=86_400.0, ge=0)
+    report_interval_s: float = Field(default=60.0, gt=0)
