@@ -1,0 +1,213 @@
+"""The `flywheel` command line: up, demo, status, db migrate, promote, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.stack import DEV_API_KEY, DEV_CONTROL_TOKEN, Stack, StackOptions
+
+STACK_FILE = "stack.json"
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    """Run the embedded stack without simulated users until Ctrl-C."""
+    stack = Stack(
+        StackOptions(data_dir=Path(args.data_dir) / "stack", min_new_rated=args.min_new_rated),
+        on_progress=_print,
+    )
+    stop = asyncio.Event()
+    try:
+        await stack.start()
+        info = {
+            "gateway_url": stack.gateway_url,
+            "api_key": DEV_API_KEY,
+            "kafka": stack.broker.bootstrap_servers,
+            "topic_prefix": stack.options.topic_prefix,
+            "postgres_dsn": stack.postgres.dsn,
+            "db_schema": stack.options.db_schema,
+            "control_address": stack.control_address,
+            "control_token": DEV_CONTROL_TOKEN,
+            "metrics": {name: stack.metrics_url(name)
+                        for name in ("gateway", "collector", "analyzer", "trainer")},
+            "route": stack.options.route,
+        }
+        (Path(args.data_dir) / STACK_FILE).write_text(json.dumps(info, indent=2))
+        _print(json.dumps(info, indent=2))
+        _print("Flywheel is up. Point an OpenAI client at the gateway; Ctrl-C stops it.")
+        while not stop.is_set():
+            await asyncio.sleep(1)
+            stack.check_alive()
+    finally:
+        _print("stopping every process")
+        stack.stop()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo.runner import DemoOptions, run_demo
+
+    options = DemoOptions(
+        data_dir=Path(args.data_dir), users=args.users, questions=args.questions,
+        held_out=args.held_out, concurrency=args.concurrency,
+        min_new_rated=args.min_new_rated, epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        rollout_steps=[int(s) for s in args.rollout_steps.split(",")],
+        min_rated_per_arm=args.min_rated_per_arm, max_rated_per_arm=args.max_rated_per_arm,
+        after_decision=args.after_decision, max_minutes=args.max_minutes, seed=args.seed,
+        report_dir=Path(args.report_dir),
+    )
+    result = await run_demo(options)
+    _print("")
+    for line in result.report.lines():
+        _print(line)
+    _print(f"\nChart: {result.chart_path}")
+    return 0 if result.phase in ("promoted", "rolled_back", "rejected") else 1
+
+
+def _stack_info(data_dir: str) -> dict[str, Any]:
+    path = Path(data_dir) / STACK_FILE
+    if not path.exists():
+        raise SystemExit(f"no running stack found ({path} missing): start one with `flywheel up`")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """What runs, topic lag, row counts, the active routing table."""
+    import httpx
+
+    from services.common import db
+    from services.common.settings import KafkaSettings, PostgresSettings
+    from services.demo.runner import loop_state
+    from services.status import consumer_lag
+
+    info = _stack_info(args.data_dir)
+    async with httpx.AsyncClient(timeout=2) as client:
+        for name, url in info["metrics"].items():
+            try:
+                up = (await client.get(url)).status_code == 200
+            except httpx.HTTPError:
+                up = False
+            _print(f"{name:<10} {'up' if up else 'DOWN':<5} {url}")
+    kafka = KafkaSettings(bootstrap_servers=info["kafka"], topic_prefix=info["topic_prefix"])
+    for group, lag in (await consumer_lag(kafka, ["collector"])).items():
+        _print(f"consumer group {group}: lag {lag}")
+    pg = PostgresSettings(dsn=info["postgres_dsn"], db_schema=info["db_schema"])
+    pool = await db.create_pool(pg)
+    try:
+        state = await loop_state(pool, info["route"])
+    finally:
+        await pool.close()
+    _print(f"rows: {state['interactions']} interactions, {state['feedback']} feedback, "
+           f"{state['datasets']} datasets")
+    for version in state["versions"]:
+        _print(f"version {version['version_id']:<20} {version['state']}")
+    if state["routing"]:
+        _print(f"routing table v{state['routing']['version']}:")
+        _print(json.dumps(state["routing"]["body"]["routes"], indent=2))
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    from services.common import db
+    from services.common.settings import PostgresSettings
+
+    settings = PostgresSettings(dsn=args.dsn, db_schema=args.schema)
+    applied = await db.migrate(settings)
+    _print(f"applied: {applied or 'nothing, schema is current'}")
+    return 0
+
+
+async def cmd_manual(args: argparse.Namespace) -> int:
+    """`flywheel promote` / `flywheel rollback` through the control plane."""
+    from services.common.control import auth_metadata, open_channel
+    from services.common.pb.flywheel.v1 import control_pb2 as pb
+    from services.common.pb.flywheel.v1 import control_pb2_grpc as pb_grpc
+    from services.common.settings import ControlPlaneSettings
+
+    info = _stack_info(args.data_dir) if not args.address else {}
+    settings = ControlPlaneSettings(
+        address=args.address or info["control_address"],
+        token=args.token or info.get("control_token", DEV_CONTROL_TOKEN),
+    )
+    request = pb.ManualActionRequest(route=args.route, reason=args.reason)
+    async with open_channel(settings) as channel:
+        stub = pb_grpc.RolloutServiceStub(channel)
+        call = stub.Promote if args.command == "promote" else stub.RollBack
+        ack = await call(request, metadata=auth_metadata(settings), timeout=10)
+    _print(f"{ack.action}; routing table now v{ack.routing_version}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    parser.add_argument("--data-dir", default=".data", help="where local state lives")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the embedded stack until Ctrl-C")
+    up.add_argument("--min-new-rated", type=int, default=200,
+                    help="new rated interactions that start a training run")
+
+    demo = commands.add_parser("demo", help="turn the whole loop once with simulated users")
+    demo.add_argument("--users", type=int, default=40, help="simulated users")
+    demo.add_argument("--questions", type=int, default=48, help="countries asked about")
+    demo.add_argument("--held-out", type=int, default=12,
+                      help="of those, kept out of training (asked with metadata split=eval)")
+    demo.add_argument("--concurrency", type=int, default=2, help="users asking at once")
+    demo.add_argument("--min-new-rated", type=int, default=160,
+                      help="rated interactions that start the training run")
+    demo.add_argument("--epochs", type=int, default=8, help="LoRA epochs over the dataset")
+    demo.add_argument("--max-steps", type=int, default=None, help="cap on LoRA steps")
+    demo.add_argument("--learning-rate", type=float, default=1e-3)
+    demo.add_argument("--rollout-steps", default="50",
+                      help="canary percentages, comma-separated (e.g. 5,25,50)")
+    demo.add_argument("--min-rated-per-arm", type=int, default=30,
+                      help="rated answers per arm before the analyzer may decide")
+    demo.add_argument("--max-rated-per-arm", type=int, default=150,
+                      help="rated answers per arm after which an undecided test rolls back")
+    demo.add_argument("--after-decision", type=int, default=40,
+                      help="questions asked after the decision, to show its effect")
+    demo.add_argument("--max-minutes", type=float, default=14.0, help="hard time limit")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--report-dir", default="reports", help="where the PNG chart goes")
+
+    commands.add_parser("status", help="what runs, topic lag, rows, routing table")
+
+    database = commands.add_parser("db", help="database commands")
+    db_commands = database.add_subparsers(dest="db_command", required=True)
+    migrate = db_commands.add_parser("migrate", help="apply pending migrations")
+    migrate.add_argument("--dsn", required=True)
+    migrate.add_argument("--schema", default="flywheel")
+
+    for name in ("promote", "rollback"):
+        manual = commands.add_parser(name, help=f"{name} the running rollout by hand")
+        manual.add_argument("route")
+        manual.add_argument("--reason", default=f"manual {name}")
+        manual.add_argument("--address", default="", help="trainer gRPC host:port")
+        manual.add_argument("--token", default="", help="control-plane token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "up": cmd_up, "demo": cmd_demo, "status": cmd_status, "db": cmd_migrate,
+        "promote": cmd_manual, "rollback": cmd_manual,
+    }
+    try:
+        return asyncio.run(handlers[args.command](args))
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
