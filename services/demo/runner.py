@@ -11,6 +11,7 @@ import asyncio
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,20 @@ async def wait_stored(pool: asyncpg.Pool, expected: int, timeout_s: float = 60) 
         await asyncio.sleep(0.5)
 
 
-async def run_demo(options: DemoOptions) -> DemoResult:
-    """Start the stack, turn the loop once, report, stop everything."""
+Inspector = Callable[[Stack, asyncpg.Pool, SimulatedUsers], Awaitable[None]]
+
+
+async def run_demo(
+    options: DemoOptions,
+    *,
+    extra_env: dict[str, str] | None = None,
+    inspect: Inspector | None = None,
+) -> DemoResult:
+    """Start the stack, turn the loop once, report, stop everything.
+
+    `inspect`, when given, runs after the report while the stack is still up (the
+    end-to-end test reads the database and metrics there).
+    """
     workdir = options.data_dir / "demo"
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -218,6 +231,7 @@ async def run_demo(options: DemoOptions) -> DemoResult:
             training_max_steps=options.max_steps, learning_rate=options.learning_rate,
             analyzer_min_rated=options.min_rated_per_arm,
             analyzer_max_rated=options.max_rated_per_arm,
+            extra_env=extra_env or {},
         ),
         on_progress=_say,
     )
@@ -232,6 +246,8 @@ async def run_demo(options: DemoOptions) -> DemoResult:
             report = await build_report(
                 stack, pool, users, events, time.monotonic() - started
             )
+            if inspect is not None:
+                await inspect(stack, pool, users)
             await users.close()
         finally:
             await pool.close()
