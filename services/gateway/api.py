@@ -1,0 +1,165 @@
+"""The HTTP surface: every endpoint, wired to one Starlette application."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HttpRoute
+
+from services.common.kafka import Topics
+from services.gateway.chat import (
+    ChatEndpoint,
+    Gatekeeper,
+    error_response,
+    json_response,
+)
+from services.gateway.errors import GatewayError
+from services.gateway.handlers import parse_json_object
+from services.gateway.intake import (
+    FeedbackIn,
+    InteractionIn,
+    build_feedback,
+    build_logged_interaction,
+    parse_items,
+)
+from services.gateway.metrics import REGISTRY
+from services.gateway.proxy import UpstreamClient
+from services.gateway.publisher import EventPublisher
+from services.gateway.settings import GatewaySettings
+from services.gateway.tables import TableSource
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayApi:
+    """The endpoints, sharing the table source, upstream client and publisher."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tables: TableSource,
+        upstream: UpstreamClient,
+        publisher: EventPublisher,
+    ) -> None:
+        self._settings = settings
+        self._tables = tables
+        self._publisher = publisher
+        self._topics = Topics(settings.kafka.topic_prefix)
+        self._pseudonym_key = settings.pseudonym_key.get_secret_value().encode()
+        self._gatekeeper = Gatekeeper(settings, tables)
+        self.chat = ChatEndpoint(
+            settings,
+            gatekeeper=self._gatekeeper,
+            upstream=upstream,
+            publisher=publisher,
+            interactions_topic=self._topics.interactions,
+        )
+
+    def application(self) -> Starlette:
+        """The ASGI application serving every endpoint."""
+        routes = [
+            HttpRoute("/v1/chat/completions", self.chat.handle, methods=["POST"]),
+            HttpRoute("/v1/feedback", self.feedback, methods=["POST"]),
+            HttpRoute("/v1/interactions", self.log_interactions, methods=["POST"]),
+            HttpRoute("/v1/models", self.models, methods=["GET"]),
+            HttpRoute("/healthz", self.healthz, methods=["GET"]),
+            HttpRoute("/metrics", self.metrics, methods=["GET"]),
+        ]
+        return Starlette(
+            routes=routes, exception_handlers={GatewayError: self._on_gateway_error}
+        )
+
+    async def _on_gateway_error(self, _request: Request, error: Exception) -> Response:
+        assert isinstance(error, GatewayError)
+        return error_response(error)
+
+    async def feedback(self, request: Request) -> Response:
+        """Accept one feedback object or `{"feedback": [...]}`; 202 with event ids."""
+        project_id = self._gatekeeper.authenticate(request)
+        body = parse_json_object(await self._gatekeeper.read_body(request))
+        items: list[FeedbackIn] = parse_items(
+            body,
+            batch_field="feedback",
+            model=FeedbackIn,
+            max_items=self._settings.max_batch_items,
+        )
+        # TODO: refuse feedback on another project's interaction. That needs a lookup
+        # of the interaction's project (the collector's store, or a cache of recent
+        # ids); meanwhile a key can rate any interaction id it knows, and the event
+        # carries the rater's project so consumers can tell.
+        fallback_user = request.headers.get("x-flywheel-user")
+        event_ids = []
+        for item in items:
+            event = build_feedback(
+                item,
+                project_id=project_id,
+                fallback_user=fallback_user,
+                pseudonym_key=self._pseudonym_key,
+            )
+            self._publisher.publish(
+                self._topics.feedback, str(event.interaction_id), event
+            )
+            event_ids.append(str(event.event_id))
+        return json_response({"event_ids": event_ids}, 202)
+
+    async def log_interactions(self, request: Request) -> Response:
+        """Accept interactions an application made itself; 202 with their ids."""
+        project_id = self._gatekeeper.authenticate(request)
+        body = parse_json_object(await self._gatekeeper.read_body(request))
+        items: list[InteractionIn] = parse_items(
+            body,
+            batch_field="interactions",
+            model=InteractionIn,
+            max_items=self._settings.max_batch_items,
+        )
+        interaction_ids, event_ids = [], []
+        for item in items:
+            event = build_logged_interaction(
+                item,
+                project_id=project_id,
+                pseudonym_key=self._pseudonym_key,
+                prices=self._settings.prices,
+            )
+            self._publisher.publish(
+                self._topics.interactions, str(event.interaction_id), event
+            )
+            interaction_ids.append(str(event.interaction_id))
+            event_ids.append(str(event.event_id))
+        return json_response(
+            {"interaction_ids": interaction_ids, "event_ids": event_ids}, 202
+        )
+
+    async def models(self, request: Request) -> Response:
+        """The routes, in OpenAI's model list shape."""
+        self._gatekeeper.authenticate(request)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "flywheel"}
+            for name in sorted(self._tables.table.routes)
+        ]
+        return json_response({"object": "list", "data": data})
+
+    async def healthz(self, _request: Request) -> Response:
+        """200 when the producer is up and a routing table is held, else 503 and why."""
+        problems = []
+        if not self._publisher.started:
+            problems.append("the Kafka producer is not started")
+        elif self._publisher.last_error is not None:
+            problems.append(f"the broker refused events: {self._publisher.last_error}")
+        if not self._tables.holds_table:
+            problems.append("no routing table received yet")
+        body = {
+            "status": "ok" if not problems else "unavailable",
+            "problems": problems,
+            "routing_version": self._tables.table.version,
+            "publish_queue_depth": self._publisher.queue_depth,
+        }
+        return json_response(body, 503 if problems else 200)
+
+    async def metrics(self, _request: Request) -> Response:
+        """Prometheus exposition of the gateway's metrics."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

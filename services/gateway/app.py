@@ -1,0 +1,173 @@
+"""The gateway process: wires the clients and owns the lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import httpx
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from starlette.applications import Starlette
+
+from services.common.kafka import make_producer
+from services.gateway.api import GatewayApi
+from services.gateway.proxy import UpstreamClient, make_http_client
+from services.gateway.publisher import EventPublisher
+from services.gateway.settings import DEV_PSEUDONYM_KEY, GatewaySettings
+from services.gateway.tables import StaticTableSource, TableSource, WatchedTableSource
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, leaving the signals to the App's stop event."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def default_table_source(settings: GatewaySettings) -> TableSource:
+    """The file given by `routing_table_file`, else the trainer's control plane."""
+    if settings.routing_table_file is not None:
+        return StaticTableSource.from_file(settings.routing_table_file)
+    return WatchedTableSource(settings.control)
+
+
+class App:
+    """The gateway: HTTP server, routing table source and event publisher.
+
+    The routing table source, the Kafka producer and the upstream HTTP client can be
+    injected (tests); otherwise they come from the settings.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tables: TableSource | None = None,
+        producer: AIOKafkaProducer | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tables = tables or default_table_source(settings)
+        self._http_client = http_client or make_http_client(
+            timeout_s=settings.upstream_timeout_s,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            max_connections=settings.upstream_max_connections,
+        )
+        self.publisher = EventPublisher(
+            producer or make_producer(settings.kafka, client_id="flywheel-gateway"),
+            queue_size=settings.publish_queue_size,
+            batch_size=settings.publish_batch_size,
+        )
+        self.api = GatewayApi(
+            settings,
+            tables=self.tables,
+            upstream=UpstreamClient(
+                self._http_client, api_keys=settings.upstream_api_keys
+            ),
+            publisher=self.publisher,
+        )
+        self.asgi: Starlette = self.api.application()
+        self.port: int | None = None
+        self.listening = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask `run` to shut down; idempotent."""
+        self._stop.set()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set (or `stop()` is called), then shut down."""
+        if stop is not None:
+            self._stop = stop
+        self._log_start()
+
+        # Start the dependencies: the broker connection, then the listening socket.
+        await self.publisher.start(self.settings.startup_timeout_s)
+        try:
+            sock = self._bind()
+            async with asyncio.TaskGroup() as tasks:
+                publishing = tasks.create_task(self.publisher.publish_loop())
+                tasks.create_task(self.tables.run(self._stop))
+                try:
+                    # Serve until asked to stop; uvicorn lets in-flight requests end.
+                    await self._serve(sock)
+                finally:
+                    # Flush what the last requests published, then end the siblings.
+                    self._stop.set()
+                    await self.publisher.flush(self.settings.flush_timeout_s)
+                    publishing.cancel()
+        finally:
+            # Close the clients, even after a failure.
+            await self.close()
+            logger.info("gateway stopped")
+
+    async def close(self) -> None:
+        """Close the producer and the upstream client; idempotent."""
+        await self.publisher.stop()
+        await self._http_client.aclose()
+
+    def _bind(self) -> socket.socket:
+        host, port = self.settings.host, self.settings.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            sock.close()
+            raise OSError(
+                f"cannot listen on {host}:{port} ({error.strerror}); change "
+                "FLYWHEEL_GATEWAY_HOST / FLYWHEEL_GATEWAY_PORT"
+            ) from error
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.port = int(sock.getsockname()[1])
+        self.listening.set()
+        logger.info("gateway listening host=%s port=%d", host, self.port)
+        return sock
+
+    async def _serve(self, sock: socket.socket) -> None:
+        config = uvicorn.Config(
+            self.asgi,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
+        )
+        server = _Server(config)
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            server.should_exit = True
+            await serving
+            sock.close()
+
+    def _log_start(self) -> None:
+        settings = self.settings
+        logger.info(
+            "gateway starting host=%s port=%d kafka=%s topic_prefix=%s routing=%s "
+            "projects=%d upstream_timeout_s=%.0f queue=%d",
+            settings.host,
+            settings.port,
+            settings.kafka.bootstrap_servers,
+            settings.kafka.topic_prefix,
+            settings.routing_table_file or settings.control.address,
+            len(set(settings.api_keys.values())),
+            settings.upstream_timeout_s,
+            settings.publish_queue_size,
+        )
+        if settings.pseudonym_key.get_secret_value() == DEV_PSEUDONYM_KEY:
+            logger.warning(
+                "pseudonym_key is the development default: anyone with this code "
+                "can reverse user pseudonyms; set FLYWHEEL_GATEWAY_PSEUDONYM_KEY"
+            )

@@ -1,0 +1,290 @@
+"""The `/v1/chat/completions` endpoint: route, forward, relay, record."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+import orjson
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from services.common.events import ErrorInfo, utc_now
+from services.common.routing import Route, Variant, bucket_of
+from services.gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    ModelNotFoundError,
+    NotReadyError,
+    PayloadTooLargeError,
+)
+from services.gateway.handlers import (
+    CallRecord,
+    ChatRequest,
+    Identity,
+    Outcome,
+    build_interaction,
+    identify,
+    parse_chat_request,
+    upstream_body,
+)
+from services.gateway.metrics import REQUEST_SECONDS, REQUESTS, UPSTREAM_SECONDS
+from services.gateway.proxy import UpstreamClient, relay_stream
+from services.gateway.publisher import EventPublisher
+from services.gateway.settings import GatewaySettings, hash_api_key
+from services.gateway.tables import TableSource
+
+logger = logging.getLogger(__name__)
+
+INTERACTION_ID_HEADER = "X-Flywheel-Interaction-Id"
+
+
+def json_response(body: Any, status_code: int = 200, **kwargs: Any) -> Response:
+    """A JSON response serialized with orjson."""
+    return Response(
+        orjson.dumps(body), status_code, media_type="application/json", **kwargs
+    )
+
+
+def error_response(
+    error: GatewayError, headers: dict[str, str] | None = None
+) -> Response:
+    """An error in OpenAI's shape, with the error's status."""
+    return json_response(error.to_body(), error.status_code, headers=headers)
+
+
+@dataclass
+class _Call:
+    """A routed chat call in flight, with what recording it needs."""
+
+    chat: ChatRequest
+    project_id: str
+    route: Route
+    variant: Variant
+    bucket: int
+    identity: Identity
+    started_s: float
+    started_at: datetime
+    interaction_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    outcome: Outcome = field(default_factory=Outcome)
+    status_code: int = 200
+    finished: bool = False
+
+    def fail(self, error: GatewayError) -> None:
+        self.outcome.error = ErrorInfo(
+            type=error.code or error.error_type,
+            message=error.message,
+            status_code=error.status_code,
+        )
+
+
+class Gatekeeper:
+    """Authentication, body limits and route lookup shared by every endpoint."""
+
+    def __init__(self, settings: GatewaySettings, tables: TableSource) -> None:
+        self._api_keys = settings.api_keys
+        self._max_body_bytes = settings.max_body_bytes
+        self.tables = tables
+
+    def authenticate(self, request: Request) -> str:
+        """The project id of the request's API key; AuthenticationError otherwise."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationError(
+                "missing API key: send the header 'Authorization: Bearer <key>'"
+            )
+        project_id = self._api_keys.get(hash_api_key(key.strip()))
+        if project_id is None:
+            raise AuthenticationError("incorrect API key provided")
+        return project_id
+
+    async def read_body(self, request: Request) -> bytes:
+        """The whole body, or PayloadTooLargeError past `max_body_bytes`."""
+        limit = self._max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"the body is larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def find_route(self, name: str) -> Route:
+        """The route named `name`; ModelNotFoundError or NotReadyError otherwise."""
+        if not self.tables.holds_table:
+            raise NotReadyError("the gateway holds no routing table yet; retry shortly")
+        route = self.tables.table.routes.get(name)
+        if route is None:
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist: it names no route", param="model"
+            )
+        return route
+
+
+class ChatEndpoint:
+    """Forwards chat completions to the routed variant and records each one."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        gatekeeper: Gatekeeper,
+        upstream: UpstreamClient,
+        publisher: EventPublisher,
+        interactions_topic: str,
+    ) -> None:
+        self._settings = settings
+        self._gatekeeper = gatekeeper
+        self._upstream = upstream
+        self._publisher = publisher
+        self._topic = interactions_topic
+        self._pseudonym_key = settings.pseudonym_key.get_secret_value().encode()
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one chat completion request."""
+        started_s, started_at = time.perf_counter(), utc_now()
+        try:
+            project_id = self._gatekeeper.authenticate(request)
+            chat = parse_chat_request(await self._gatekeeper.read_body(request))
+            route = self._gatekeeper.find_route(chat.route)
+        except GatewayError as error:
+            # No route yet: the label stays empty so clients cannot mint label values.
+            REQUESTS.labels(route="", variant="", status=str(error.status_code)).inc()
+            return error_response(error)
+
+        identity = identify(chat, dict(request.headers))
+        bucket = bucket_of(route.name, identity.sticky_key)
+        call = _Call(
+            chat=chat,
+            project_id=project_id,
+            route=route,
+            variant=route.assign(bucket),
+            bucket=bucket,
+            identity=identity,
+            started_s=started_s,
+            started_at=started_at,
+        )
+        if chat.stream:
+            return await self._stream(call)
+        return await self._complete(call)
+
+    async def _complete(self, call: _Call) -> Response:
+        headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
+        body = upstream_body(call.chat, call.variant)
+        upstream_started_s = time.perf_counter()
+        try:
+            answer = await self._upstream.complete(call.variant, body)
+        except GatewayError as error:
+            call.status_code = error.status_code
+            call.fail(error)
+            response = error_response(error, headers)
+        else:
+            call.outcome.add_completion(answer)
+            answer["id"] = str(call.interaction_id)
+            response = json_response(answer, headers=headers)
+        self._observe_upstream(call, upstream_started_s)
+        # The event is built and queued after the response is sent.
+        response.background = BackgroundTask(self.finish, call)
+        return response
+
+    async def _stream(self, call: _Call) -> Response:
+        headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
+        body = upstream_body(call.chat, call.variant)
+        upstream_started_s = time.perf_counter()
+        try:
+            upstream_response = await self._upstream.open_stream(call.variant, body)
+        except GatewayError as error:
+            call.status_code = error.status_code
+            call.fail(error)
+            response = error_response(error, headers)
+            response.background = BackgroundTask(self.finish, call)
+            return response
+        finally:
+            self._observe_upstream(call, upstream_started_s)
+        return StreamingResponse(
+            self._relay(upstream_response, call),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
+        )
+
+    async def _relay(
+        self, upstream_response: httpx.Response, call: _Call
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for piece in relay_stream(
+                upstream_response,
+                call.outcome,
+                variant=call.variant,
+                interaction_id=str(call.interaction_id),
+                client_wants_usage=call.chat.client_wants_usage,
+                started_s=call.started_s,
+            ):
+                yield piece
+        except GatewayError as error:
+            logger.warning(
+                "upstream stream broke off interaction_id=%s code=%s",
+                call.interaction_id,
+                error.code,
+            )
+            call.fail(error)
+            yield b"data: " + orjson.dumps(error.to_body()) + b"\n\n"
+        except BaseException:
+            # The client went away mid-stream (cancellation): still recorded, once.
+            call.outcome.error = ErrorInfo(
+                type="client_disconnected", message="the client left mid-stream"
+            )
+            raise
+        finally:
+            # Record before awaiting anything: a cancelled stream may be cancelled
+            # again at its next await.
+            self.finish(call)
+            await upstream_response.aclose()
+
+    def _observe_upstream(self, call: _Call, upstream_started_s: float) -> None:
+        UPSTREAM_SECONDS.labels(
+            route=call.route.name, variant=call.variant.name
+        ).observe(time.perf_counter() - upstream_started_s)
+
+    def finish(self, call: _Call) -> None:
+        """Record a call, exactly once: its metrics and its Interaction event."""
+        if call.finished:
+            return
+        call.finished = True
+        latency_s = time.perf_counter() - call.started_s
+        labels = {"route": call.route.name, "variant": call.variant.name}
+        REQUESTS.labels(**labels, status=str(call.status_code)).inc()
+        REQUEST_SECONDS.labels(**labels).observe(latency_s)
+        record = CallRecord(
+            interaction_id=call.interaction_id,
+            project_id=call.project_id,
+            request=call.chat,
+            identity=call.identity,
+            route=call.route,
+            variant=call.variant,
+            bucket=call.bucket,
+            outcome=call.outcome,
+            started_at=call.started_at,
+            finished_at=utc_now(),
+            latency_s=latency_s,
+        )
+        try:
+            event = build_interaction(
+                record, pseudonym_key=self._pseudonym_key, prices=self._settings.prices
+            )
+        except Exception:
+            logger.exception(
+                "interaction event could not be built interaction_id=%s",
+                call.interaction_id,
+            )
+            return
+        self._publisher.publish(self._topic, str(call.interaction_id), event)

@@ -1,0 +1,49 @@
+"""Every Prometheus metric the gateway exports, on its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+REQUESTS = Counter(
+    "flywheel_gateway_requests_total",
+    "Chat completion requests answered, by route, variant and HTTP status.",
+    ["route", "variant", "status"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "flywheel_gateway_request_seconds",
+    "Time from a chat request's arrival to its last byte, by route and variant.",
+    ["route", "variant"],
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+UPSTREAM_SECONDS = Histogram(
+    "flywheel_gateway_upstream_seconds",
+    "Time the upstream model took to answer (headers, or the whole non-streamed body).",
+    ["route", "variant"],
+    buckets=_LATENCY_BUCKETS_S,
+    registry=REGISTRY,
+)
+EVENTS_PUBLISHED = Counter(
+    "flywheel_gateway_events_published_total",
+    "Events the broker acknowledged, by topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
+EVENTS_DROPPED = Counter(
+    "flywheel_gateway_events_dropped_total",
+    "Events lost: the publish queue was full, or the broker refused the batch.",
+    ["topic", "reason"],
+    registry=REGISTRY,
+)
+PUBLISH_QUEUE_DEPTH = Gauge(
+    "flywheel_gateway_publish_queue_depth",
+    "Events waiting in memory to be sent to the broker.",
+    registry=REGISTRY,
+)

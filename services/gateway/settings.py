@@ -1,0 +1,86 @@
+"""The gateway's settings (env prefix `FLYWHEEL_GATEWAY_`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import (
+    ControlPlaneSettings,
+    KafkaSettings,
+    ServiceSettings,
+)
+
+DEV_API_KEY = "fw-dev-key"
+DEV_PSEUDONYM_KEY = "flywheel-dev-pseudonym-key"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_api_key(key: str) -> str:
+    """The form API keys are stored in: the SHA-256 hex digest of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ModelPrice(BaseModel):
+    """What an upstream model costs, in US dollars per 1,000 tokens."""
+
+    prompt_per_1k_usd: float = Field(default=0.0, ge=0)
+    completion_per_1k_usd: float = Field(default=0.0, ge=0)
+
+
+class GatewaySettings(ServiceSettings):
+    """Everything the gateway reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_GATEWAY_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    control: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+
+    # SHA-256 hex of each API key -> the project it belongs to. Keys are never stored
+    # in clear; `hash_api_key` computes the digest.
+    api_keys: dict[str, str] = Field(
+        default_factory=lambda: {hash_api_key(DEV_API_KEY): "default"}
+    )
+    # Key of the HMAC that turns user and session ids into pseudonyms.
+    pseudonym_key: SecretStr = SecretStr(DEV_PSEUDONYM_KEY)
+
+    # A JSON routing table (RoutingTable.to_json shape) to serve instead of
+    # following the trainer's control plane, for running without a trainer.
+    routing_table_file: Path | None = None
+
+    upstream_timeout_s: float = Field(default=120.0, gt=0)
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_max_connections: int = Field(default=512, ge=1)
+    # Bearer keys sent upstream, by variant base URL (e.g. for OpenAI itself).
+    upstream_api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # Price per upstream model name; unknown models cost 0.
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_batch_items: int = Field(default=1000, ge=1)
+
+    publish_queue_size: int = Field(default=10_000, ge=1)
+    publish_batch_size: int = Field(default=500, ge=1)
+    flush_timeout_s: float = Field(default=10.0, gt=0)
+    startup_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_s: float = Field(default=15.0, gt=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for digest in value:
+            if not _SHA256_HEX.match(digest):
+                raise ValueError(
+                    "api_keys must map the lowercase SHA-256 hex of each key to a "
+                    f"project id, got a key of {len(digest)} characters; store "
+                    "hash_api_key(<key>), never the key itself"
+                )
+        return value
