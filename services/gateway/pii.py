@@ -94,9 +94,26 @@ def _mask_iban(match: re.Match[str]) -> str:
     return text
 
 
+# How card numbers are grouped when written with separators: 4-4-4-4 (and up to
+# a group of three) for most networks, 4-6-5 or 4-6-4 for Amex and Diners.
+_CARD_LAYOUT_RE = re.compile(
+    r"^(?:[0-9]{4}(?:[ -][0-9]{4}){3}(?:[ -]?[0-9]{3})?"
+    r"|[0-9]{4}[ -][0-9]{6}[ -][0-9]{4,5})$"
+)
+
+
+def looks_like_card(candidate: str) -> bool:
+    """Whether digits, maybe grouped, are a card number: issuer, layout, Luhn."""
+    digits = re.sub(r"[ -]", "", candidate)
+    if not 13 <= len(digits) <= 19 or digits[0] not in "23456":
+        return False
+    if digits != candidate and not _CARD_LAYOUT_RE.match(candidate):
+        return False
+    return luhn_valid(digits)
+
+
 def _mask_card(match: re.Match[str]) -> str:
-    digits = re.sub(r"[ -]", "", match.group(0))
-    return CARD if 13 <= len(digits) <= 19 and luhn_valid(digits) else match.group(0)
+    return CARD if looks_like_card(match.group(0)) else match.group(0)
 
 
 def _mask_ipv6(match: re.Match[str]) -> str:
