@@ -1,4 +1,4 @@
-"""Experiment statistics: always-valid tests, guardrails, sample-ratio mismatch, verdict.
+"""Experiment statistics: always-valid tests, guardrails, sample-ratio mismatch.
 
 Pure code (numpy only), no Kafka: the analyzer looks at an experiment every few seconds,
 so the tests must stay valid however often they are looked at. They are mixture
@@ -108,7 +108,7 @@ def proportion_lift(
 
 
 def chi_square_survival(statistic: float, degrees: int) -> float:
-    """P(X >= statistic) for a chi-square variable with integer `degrees` (closed form)."""
+    """P(X >= statistic) for a chi-square variable with integer `degrees`."""
     if degrees < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {degrees}")
     if statistic <= 0:

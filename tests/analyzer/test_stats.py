@@ -91,7 +91,9 @@ def test_srm_respects_an_unequal_planned_split() -> None:
     planned = {"treatment": 500, "control": 9_500}
 
     assert stats.sample_ratio_p_value({"treatment": 50, "control": 950}, planned) > 0.5
-    assert stats.sample_ratio_p_value({"treatment": 500, "control": 500}, planned) < 1e-9
+    assert (
+        stats.sample_ratio_p_value({"treatment": 500, "control": 500}, planned) < 1e-9
+    )
 
 
 def test_srm_on_traffic_to_an_unplanned_arm_is_a_mismatch() -> None:
