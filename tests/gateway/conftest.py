@@ -68,7 +68,7 @@ def make_settings(**overrides: Any) -> GatewaySettings:
 
 
 def queued(app: App) -> list[tuple[str, str, EventModel]]:
-    """The events waiting in the gateway's publish queue (never started in unit tests)."""
+    """The events waiting in the publish queue (never started in unit tests)."""
     return [
         (item.topic, item.key.decode(), item.event)
         for item in app.publisher._queue._queue  # type: ignore[attr-defined]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import orjson
 import httpx
+import orjson
 
 from services.common.events import Interaction
 from services.common.routing import bucket_of

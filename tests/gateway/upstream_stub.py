@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from services.common.embedded import free_port
+from tests.conftest import wait_until
 
 
 class UpstreamStub:
@@ -46,8 +47,7 @@ class UpstreamStub:
         self._server = uvicorn.Server(config)
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: self._server is not None and self._server.started)
 
     async def stop(self) -> None:
         self.release_hang.set()
