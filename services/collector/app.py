@@ -130,5 +130,6 @@ async def _close_within(close: Callable[[], Awaitable[object]], name: str) -> No
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
             await close()
+        logger.debug("%s closed", name)
     except TimeoutError:
         logger.warning("%s did not close within %.0f s", name, CLOSE_TIMEOUT_S)

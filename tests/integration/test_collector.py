@@ -285,7 +285,7 @@ async def test_collector_restarted_mid_stream_stores_every_event_once(
     producer: AIOKafkaProducer,
 ) -> None:
     topics = Topics(kafka_settings.topic_prefix)
-    first = [make_feedback(uuid.uuid4()) for _ in range(300)]
+    first = [make_feedback(uuid.uuid4()) for _ in range(1500)]
     second = [make_feedback(uuid.uuid4()) for _ in range(100)]
     settings = collector_settings(
         kafka_settings, pg_settings, max_batch_size=10, batch_timeout_ms=50
@@ -293,7 +293,7 @@ async def test_collector_restarted_mid_stream_stores_every_event_once(
 
     await send_all(producer, feedback_messages(topics, first))
     app, task = await start_app(settings)
-    await wait_until(lambda: count_rows_at_least(pg_pool, 50))
+    await wait_until(lambda: count_rows_at_least(pg_pool, 50), interval_s=0.01)
     # A crash mid-stream: cancelled, so the batch in hand is never committed.
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -302,11 +302,11 @@ async def test_collector_restarted_mid_stream_stores_every_event_once(
     await send_all(producer, feedback_messages(topics, second))
     app, task = await start_app(settings)
     try:
-        await wait_until(lambda: count_rows_at_least(pg_pool, 400), timeout_s=60)
+        await wait_until(lambda: count_rows_at_least(pg_pool, 1600), timeout_s=60)
     finally:
         await stop_app(app, task)
 
-    assert stored_before_restart < 400
+    assert stored_before_restart < len(first)
     stored = await event_id_counts(pg_pool, "feedback")
     assert stored == {item.event_id: 1 for item in first + second}
 
@@ -322,3 +322,70 @@ def feedback_messages(
 
 async def count_rows_at_least(pool: asyncpg.Pool, count: int) -> bool:
     return await count_rows(pool, "feedback") >= count
+
+
+async def test_collector_retries_while_table_is_unavailable_without_committing(
+    kafka_settings: KafkaSettings,
+    pg_settings: PostgresSettings,
+    pg_pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    topics = Topics(kafka_settings.topic_prefix)
+    events = [make_feedback(uuid.uuid4()) for _ in range(20)]
+    settings = collector_settings(kafka_settings, pg_settings)
+    retries_before = metrics.STORE_RETRIES._value.get()
+    # PostgreSQL up but the table gone: every batch fails the way an outage does.
+    await pg_pool.execute("ALTER TABLE feedback RENAME TO feedback_parked")
+
+    await send_all(producer, feedback_messages(topics, events))
+    app, task = await start_app(settings)
+    try:
+        await wait_until(
+            lambda: metrics.STORE_RETRIES._value.get() >= retries_before + 3
+        )
+        assert app.intake is not None
+        committed_during_outage = app.intake.totals["batches"]
+        await pg_pool.execute("ALTER TABLE feedback_parked RENAME TO feedback")
+        await wait_until(lambda: count_rows_at_least(pg_pool, len(events)))
+    finally:
+        await stop_app(app, task)
+
+    assert committed_during_outage == 0
+    assert await event_id_counts(pg_pool, "feedback") == {e.event_id: 1 for e in events}
+    assert any(
+        record.levelname == "WARNING" and "not committing" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+async def test_collector_dead_letters_rows_postgresql_refuses_and_keeps_the_rest(
+    kafka_settings: KafkaSettings,
+    pg_settings: PostgresSettings,
+    pg_pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+) -> None:
+    topics = Topics(kafka_settings.topic_prefix)
+    interaction_id = uuid.uuid4()
+    values = [0.1, 0.95, 0.2, 0.3, 0.99]
+    events = [make_feedback(interaction_id, kind="score", value=v) for v in values]
+    settings = collector_settings(kafka_settings, pg_settings)
+    # A rule only the database knows, so validation lets these rows through.
+    await pg_pool.execute(
+        "ALTER TABLE feedback ADD CONSTRAINT value_below CHECK (value < 0.9)"
+    )
+
+    sent = await send_all(producer, feedback_messages(topics, events))
+    app, task = await start_app(settings)
+    try:
+        letters = await read_dead_letters(kafka_settings, 2)
+        await wait_until(lambda: count_rows_at_least(pg_pool, 3))
+    finally:
+        await stop_app(app, task)
+
+    kept = [e for e in events if e.value is not None and e.value < 0.9]
+    assert await event_id_counts(pg_pool, "feedback") == {e.event_id: 1 for e in kept}
+    assert {(letter.reason, letter.source_offset) for letter in letters} == {
+        ("storage_rejected", sent[1].offset),
+        ("storage_rejected", sent[4].offset),
+    }
