@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import faust
-from faust.types import EventT, StreamT
+from faust.types import EventT, StreamT, TopicT
 from mode import Service
 
 from services.analyzer import handlers
@@ -39,13 +39,9 @@ from services.common.routing_client import RoutingTableWatcher
 
 logger = logging.getLogger(__name__)
 
+Event = EventT[bytes]
+
 SNAPSHOT_TIMEOUT_S = 5.0
-RAW = {
-    "key_type": bytes,
-    "value_type": bytes,
-    "key_serializer": "raw",
-    "value_serializer": "raw",
-}
 
 
 def faust_options(settings: AnalyzerSettings) -> dict[str, Any]:
@@ -99,9 +95,9 @@ class Analyzer:
 
     def _declare_channels(self) -> None:
         app, partitions = self.app, self.settings.kafka.partitions
-        self.interactions_topic = app.topic(self.topics.interactions, **RAW)
-        self.feedback_topic = app.topic(self.topics.feedback, **RAW)
-        self.experiments_topic = app.topic(self.topics.experiments, **RAW)
+        self.interactions_topic = self._raw_topic(self.topics.interactions)
+        self.feedback_topic = self._raw_topic(self.topics.feedback)
+        self.experiments_topic = self._raw_topic(self.topics.experiments)
         self.observations_topic = app.topic(
             f"{self.settings.app_id}-experiment-observations",
             key_type=str,
@@ -119,6 +115,16 @@ class Analyzer:
         self.kpis = table("kpis")
         self.skipped = table("skipped")
         self.experiment_arms = table("experiment_arms")
+
+    def _raw_topic(self, name: str) -> TopicT:
+        """One of our event topics: bytes in and out, parsed by the handlers."""
+        return self.app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
 
     def _declare_processors(self) -> None:
         app = self.app
@@ -147,9 +153,9 @@ class Analyzer:
 
     async def _guarded(
         self,
-        handle: Callable[[EventT], Awaitable[None]],
+        handle: Callable[[Event], Awaitable[None]],
         topic: str,
-        event: EventT,
+        event: Event,
     ) -> None:
         """Handle one event; a failure is logged and counted, never stops the stream."""
         try:
@@ -174,7 +180,7 @@ class Analyzer:
             )
             yield None
 
-    async def _on_interaction(self, event: EventT) -> None:
+    async def _on_interaction(self, event: Event) -> None:
         partition = event.message.partition
         try:
             interaction = handlers.parse_interaction(event.value)
@@ -198,7 +204,7 @@ class Analyzer:
                 )
         self.joins[key] = entry
 
-    async def _on_feedback(self, event: EventT) -> None:
+    async def _on_feedback(self, event: Event) -> None:
         try:
             feedback = handlers.parse_feedback(event.value)
         except InvalidEventError as error:
@@ -213,7 +219,7 @@ class Analyzer:
         else:
             self.joins[key] = await self._count_feedback(entry, feedback)
 
-    def _hold_feedback(self, key: str, event_id: str, event: EventT) -> None:
+    def _hold_feedback(self, key: str, event_id: str, event: Event) -> None:
         waiting = self.pending.get(key)
         if waiting is not None and any(
             json.loads(raw)["event_id"] == event_id for raw in waiting["feedback"]
@@ -248,7 +254,7 @@ class Analyzer:
         )
         self.kpis[key] = handlers.add_counts(self.kpis.get(key), counts)
 
-    def _count_skipped(self, topic: str, reason: str, event: EventT) -> None:
+    def _count_skipped(self, topic: str, reason: str, event: Event) -> None:
         message = event.message
         logger.debug(
             "event skipped topic=%s partition=%d offset=%d reason=%s",
@@ -260,7 +266,7 @@ class Analyzer:
         key = handlers.skip_key(topic, reason, message.partition)
         self.skipped[key] = (self.skipped.get(key) or 0) + 1
 
-    def _maybe_expire(self, event: EventT) -> None:
+    def _maybe_expire(self, event: Event) -> None:
         """Drop old join entries and orphaned feedback of this event's partition.
 
         Runs inside event processing so that the deletions go to the right changelog

@@ -116,10 +116,12 @@ def _variant_families(
     for labels, counts in rows:
         values = list(labels)
         latency.add_metric(
-            values, counts.get("latency_count", 0), counts.get("latency_sum_s", 0)
+            values,
+            int(counts.get("latency_count", 0)),
+            counts.get("latency_sum_s", 0),
         )
         ttft.add_metric(
-            values, counts.get("ttft_count", 0), counts.get("ttft_sum_s", 0)
+            values, int(counts.get("ttft_count", 0)), counts.get("ttft_sum_s", 0)
         )
         tokens.add_metric([*values, "prompt"], counts.get("prompt_tokens", 0))
         tokens.add_metric([*values, "completion"], counts.get("completion_tokens", 0))

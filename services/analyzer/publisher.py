@@ -61,7 +61,7 @@ def to_verdict(result: ExperimentResult) -> pb.ExperimentVerdict:
         route=result.route,
         decision=PROTO_DECISIONS[Decision(result.decision)],
         reason=result.reason,
-        arms=[pb.ArmStatistics(**arm) for arm in result.arms],  # type: ignore[arg-type]
+        arms=[pb.ArmStatistics(**arm) for arm in result.arms],
         lift=result.lift,
         lift_low=result.lift_low,
         lift_high=result.lift_high,
@@ -83,7 +83,7 @@ class VerdictReporter:
         """Send one verdict; VerdictDeliveryError when the trainer did not take it."""
         if self._channel is None:
             self._channel = open_channel(self._settings)
-        stub = pb_grpc.RolloutServiceStub(self._channel)
+        stub = pb_grpc.RolloutServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
         try:
             ack: pb.VerdictAck = await stub.ReportVerdict(
                 verdict,
