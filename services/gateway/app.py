@@ -88,9 +88,12 @@ class App:
             self._stop = stop
         self._log_start()
 
-        # Start the dependencies: the broker connection, then the listening socket.
-        await self.publisher.start(self.settings.startup_timeout_s)
         try:
+            # Start the dependencies: the broker connection, then the listening socket.
+            await self.publisher.start(
+                self.settings.startup_timeout_s,
+                bootstrap_servers=self.settings.kafka.bootstrap_servers,
+            )
             sock = self._bind()
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(self.publisher.publish_loop())
@@ -106,7 +109,11 @@ class App:
         finally:
             # Close the clients, even after a failure.
             await self.close()
-            logger.info("gateway stopped")
+            logger.info(
+                "gateway stopped events_published=%d events_dropped=%d",
+                self.publisher.published_count,
+                self.publisher.dropped_count,
+            )
 
     async def close(self) -> None:
         """Close the producer and the upstream client; idempotent."""

@@ -264,6 +264,18 @@ class ChatEndpoint:
         labels = {"route": call.route.name, "variant": call.variant.name}
         REQUESTS.labels(**labels, status=str(call.status_code)).inc()
         REQUEST_SECONDS.labels(**labels).observe(latency_s)
+        if call.outcome.error is not None:
+            level = logging.ERROR if call.status_code >= 500 else logging.WARNING
+            logger.log(
+                level,
+                "chat request failed interaction_id=%s route=%s variant=%s status=%d "
+                "error=%s",
+                call.interaction_id,
+                call.route.name,
+                call.variant.name,
+                call.status_code,
+                call.outcome.error.type,
+            )
         record = CallRecord(
             interaction_id=call.interaction_id,
             project_id=call.project_id,

@@ -116,3 +116,9 @@ class BadUpstreamResponseError(GatewayError):
     status_code = 502
     error_type = "upstream_error"
     code = "bad_upstream_response"
+
+
+class PublisherStartError(RuntimeError):
+    """The Kafka producer could not connect at start-up (not a client-facing error)."""
+
+    retriable = True

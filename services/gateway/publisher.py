@@ -8,8 +8,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from services.common.events import EventModel, encode
+from services.gateway.errors import PublisherStartError
 from services.gateway.metrics import (
     EVENTS_DROPPED,
     EVENTS_PUBLISHED,
@@ -48,6 +50,8 @@ class EventPublisher:
         self.started = False
         # Why the last batch failed, cleared by the next one that succeeds.
         self.last_error: str | None = None
+        self.published_count = 0
+        self.dropped_count = 0
         PUBLISH_QUEUE_DEPTH.set_function(self._queue.qsize)
 
     @property
@@ -60,6 +64,7 @@ class EventPublisher:
             self._queue.put_nowait(_Outgoing(topic, key.encode(), event))
         except asyncio.QueueFull:
             EVENTS_DROPPED.labels(topic=topic, reason="queue_full").inc()
+            self.dropped_count += 1
             logger.warning(
                 "publish queue full, event dropped topic=%s key=%s depth=%d",
                 topic,
@@ -69,10 +74,18 @@ class EventPublisher:
             return False
         return True
 
-    async def start(self, timeout_s: float) -> None:
-        """Connect the producer to the broker."""
-        async with asyncio.timeout(timeout_s):
-            await self._producer.start()
+    async def start(self, timeout_s: float, *, bootstrap_servers: str) -> None:
+        """Connect the producer to the broker; PublisherStartError when it cannot."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._producer.start()
+        except (KafkaError, OSError, TimeoutError) as error:
+            await self._producer.stop()
+            raise PublisherStartError(
+                f"Kafka at {bootstrap_servers} did not accept the producer within "
+                f"{timeout_s:.0f} s ({error!r}); check "
+                "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS, FLYWHEEL_GATEWAY_STARTUP_TIMEOUT_S"
+            ) from error
         self.started = True
 
     async def publish_loop(self) -> None:
@@ -113,6 +126,8 @@ class EventPublisher:
         for topic, count in published.items():
             EVENTS_PUBLISHED.labels(topic=topic).inc(count)
         failed = len(batch) - sum(published.values())
+        self.published_count += len(batch) - failed
+        self.dropped_count += failed
         if failed:
             logger.warning(
                 "broker refused events, dropped count=%d error=%s",

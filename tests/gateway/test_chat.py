@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import httpx
 import orjson
+import uvicorn
 
+from services.common.embedded import free_port
 from services.common.events import Interaction
 from services.common.routing import bucket_of
 from services.gateway.app import App
 from services.gateway.handlers import pseudonymize
 from services.gateway.tables import StaticTableSource
+from tests.conftest import wait_until
 from tests.gateway.conftest import AUTH, make_settings, make_table, queued
 from tests.gateway.upstream_stub import UpstreamStub
 
@@ -216,3 +222,38 @@ def _data_chunks(text: str) -> list[dict[str, object]]:
         for line in text.splitlines()
         if line.startswith("data: ") and line != "data: [DONE]"
     ]
+
+
+async def test_client_leaving_mid_stream_is_recorded_once(upstream: UpstreamStub):
+    app = App(make_settings(), tables=StaticTableSource(make_table(upstream.base_url)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app.asgi,
+            host="127.0.0.1",
+            port=free_port(),
+            lifespan="off",
+            log_config=None,
+        )
+    )
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started)
+    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
+    try:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            body = chat_body("slow-stream", stream=True)
+            async with http.stream("POST", url, json=body, headers=AUTH) as response:
+                async for line in response.aiter_lines():
+                    if '"You' in line:
+                        break
+        await wait_until(lambda: interactions(app), timeout_s=10)
+    finally:
+        upstream.release_hang.set()
+        server.should_exit = True
+        await serving
+        await app.close()
+        upstream.release_hang.clear()
+
+    [event] = interactions(app)
+    assert event.error is not None and event.error.type == "client_disconnected"
+    assert event.response_text == "You"

@@ -1,7 +1,8 @@
 """A real local HTTP server that answers like OpenAI's chat completions API.
 
 The last user message steers it: `fail:<status>` answers that error status, `hang`
-never answers (for timeouts), `broken-stream` cuts a stream off mid-way; anything
+never answers (for timeouts), `broken-stream` cuts a stream off mid-way,
+`slow-stream` stops after its first word until released; anything
 else is echoed back as "You said: <message>".
 """
 
@@ -120,6 +121,8 @@ class UpstreamStub:
             )
             if broken and position == 1:
                 raise RuntimeError("stub cut the stream off")
+            if body["messages"][-1]["content"] == "slow-stream" and position == 0:
+                await self.release_hang.wait()
         yield _sse(
             {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
             with_usage,
