@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from services.collector import metrics
@@ -36,14 +37,7 @@ class App:
     async def run(self) -> None:
         """Run until `stop()` (or a signal) sets the stop event, or a task fails."""
         settings = self.settings
-        logger.info(
-            "collector starting group=%s topics=%s batch=%d/%dms postgres_schema=%s",
-            settings.group_id,
-            settings.kafka.topic_prefix,
-            settings.max_batch_size,
-            settings.batch_timeout_ms,
-            settings.postgres.db_schema,
-        )
+        logger.info("collector starting settings=%s", settings.model_dump(mode="json"))
 
         # Schema first: nothing is consumed before the tables exist.
         if settings.migrate_on_start:
@@ -60,13 +54,18 @@ class App:
                 tasks.create_task(self._orphan_loop(store))
                 tasks.create_task(self._report_loop(intake))
 
-        logger.info("collector stopped totals=%s", dict(intake.totals))
+        logger.info("collector stopped %s", describe_totals(intake.totals))
 
     async def _start_clients(
         self, stack: contextlib.AsyncExitStack
     ) -> tuple[EventConsumer, EventStore]:
         settings = self.settings
         topics = Topics(settings.kafka.topic_prefix)
+
+        # /metrics first, so it answers while the consumer joins its group.
+        server = metrics.MetricsServer(settings.metrics_host, settings.metrics_port)
+        server.start()
+        stack.callback(server.stop)
 
         pool = await db.create_pool(settings.postgres)
         stack.push_async_callback(_close_within, pool.close, "pool")
@@ -84,10 +83,6 @@ class App:
         )
         await consumer.start()
         stack.push_async_callback(_close_within, consumer.stop, "consumer")
-
-        server = metrics.MetricsServer(settings.metrics_host, settings.metrics_port)
-        server.start()
-        stack.callback(server.stop)
 
         publisher = DeadLetterPublisher(
             producer, topics.deadletter, timeout_s=settings.kafka_timeout_s
@@ -113,16 +108,13 @@ class App:
 
     async def _report_loop(self, intake: EventConsumer) -> None:
         while not await wait_or_stop(self.stopping, self.settings.report_interval_s):
-            totals = intake.totals
-            logger.info(
-                "collector progress batches=%d consumed=%d stored=%d duplicates=%d "
-                "deadlettered=%d",
-                totals["batches"],
-                totals["consumed"],
-                totals["stored"],
-                totals["duplicates"],
-                totals["deadlettered"],
-            )
+            logger.info("collector progress %s", describe_totals(intake.totals))
+
+
+def describe_totals(totals: Counter[str]) -> str:
+    """The counters of the periodic and final INFO lines, as key=value pairs."""
+    names = ("batches", "consumed", "stored", "duplicates", "deadlettered")
+    return " ".join(f"{name}={totals[name]}" for name in names)
 
 
 async def _close_within(close: Callable[[], Awaitable[object]], name: str) -> None:
