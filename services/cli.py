@@ -21,7 +21,9 @@ def _print(message: str) -> None:
 async def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack without simulated users until Ctrl-C."""
     stack = Stack(
-        StackOptions(data_dir=Path(args.data_dir) / "stack", min_new_rated=args.min_new_rated),
+        StackOptions(
+            data_dir=Path(args.data_dir) / "stack", min_new_rated=args.min_new_rated
+        ),
         on_progress=_print,
     )
     stop = asyncio.Event()
@@ -36,13 +38,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
             "db_schema": stack.options.db_schema,
             "control_address": stack.control_address,
             "control_token": DEV_CONTROL_TOKEN,
-            "metrics": {name: stack.metrics_url(name)
-                        for name in ("gateway", "collector", "analyzer", "trainer")},
+            "metrics": {
+                name: stack.metrics_url(name)
+                for name in ("gateway", "collector", "analyzer", "trainer")
+            },
             "route": stack.options.route,
         }
         (Path(args.data_dir) / STACK_FILE).write_text(json.dumps(info, indent=2))
         _print(json.dumps(info, indent=2))
-        _print("Flywheel is up. Point an OpenAI client at the gateway; Ctrl-C stops it.")
+        _print(
+            "Flywheel is up. Point an OpenAI client at the gateway; Ctrl-C stops it."
+        )
         while not stop.is_set():
             await asyncio.sleep(1)
             stack.check_alive()
@@ -56,13 +62,21 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo.runner import DemoOptions, run_demo
 
     options = DemoOptions(
-        data_dir=Path(args.data_dir), users=args.users, questions=args.questions,
-        held_out=args.held_out, concurrency=args.concurrency,
-        min_new_rated=args.min_new_rated, epochs=args.epochs, max_steps=args.max_steps,
+        data_dir=Path(args.data_dir),
+        users=args.users,
+        questions=args.questions,
+        held_out=args.held_out,
+        concurrency=args.concurrency,
+        min_new_rated=args.min_new_rated,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         rollout_steps=[int(s) for s in args.rollout_steps.split(",")],
-        min_rated_per_arm=args.min_rated_per_arm, max_rated_per_arm=args.max_rated_per_arm,
-        after_decision=args.after_decision, max_minutes=args.max_minutes, seed=args.seed,
+        min_rated_per_arm=args.min_rated_per_arm,
+        max_rated_per_arm=args.max_rated_per_arm,
+        after_decision=args.after_decision,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
         report_dir=Path(args.report_dir),
     )
     result = await run_demo(options)
@@ -76,7 +90,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 def _stack_info(data_dir: str) -> dict[str, Any]:
     path = Path(data_dir) / STACK_FILE
     if not path.exists():
-        raise SystemExit(f"no running stack found ({path} missing): start one with `flywheel up`")
+        raise SystemExit(
+            f"no running stack found ({path} missing): start one with `flywheel up`"
+        )
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
@@ -97,7 +113,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
             except httpx.HTTPError:
                 up = False
             _print(f"{name:<10} {'up' if up else 'DOWN':<5} {url}")
-    kafka = KafkaSettings(bootstrap_servers=info["kafka"], topic_prefix=info["topic_prefix"])
+    kafka = KafkaSettings(
+        bootstrap_servers=info["kafka"], topic_prefix=info["topic_prefix"]
+    )
     for group, lag in (await consumer_lag(kafka, ["collector"])).items():
         _print(f"consumer group {group}: lag {lag}")
     pg = PostgresSettings(dsn=info["postgres_dsn"], db_schema=info["db_schema"])
@@ -106,8 +124,10 @@ async def cmd_status(args: argparse.Namespace) -> int:
         state = await loop_state(pool, info["route"])
     finally:
         await pool.close()
-    _print(f"rows: {state['interactions']} interactions, {state['feedback']} feedback, "
-           f"{state['datasets']} datasets")
+    _print(
+        f"rows: {state['interactions']} interactions, {state['feedback']} feedback, "
+        f"{state['datasets']} datasets"
+    )
     for version in state["versions"]:
         _print(f"version {version['version_id']:<20} {version['state']}")
     if state["routing"]:
@@ -153,31 +173,64 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the embedded stack until Ctrl-C")
-    up.add_argument("--min-new-rated", type=int, default=200,
-                    help="new rated interactions that start a training run")
+    up.add_argument(
+        "--min-new-rated",
+        type=int,
+        default=200,
+        help="new rated interactions that start a training run",
+    )
 
-    demo = commands.add_parser("demo", help="turn the whole loop once with simulated users")
+    demo = commands.add_parser(
+        "demo", help="turn the whole loop once with simulated users"
+    )
     demo.add_argument("--users", type=int, default=40, help="simulated users")
     demo.add_argument("--questions", type=int, default=48, help="countries asked about")
-    demo.add_argument("--held-out", type=int, default=12,
-                      help="of those, kept out of training (asked with metadata split=eval)")
+    demo.add_argument(
+        "--held-out",
+        type=int,
+        default=12,
+        help="of those, kept out of training (asked with metadata split=eval)",
+    )
     demo.add_argument("--concurrency", type=int, default=2, help="users asking at once")
-    demo.add_argument("--min-new-rated", type=int, default=160,
-                      help="rated interactions that start the training run")
-    demo.add_argument("--epochs", type=int, default=8, help="LoRA epochs over the dataset")
+    demo.add_argument(
+        "--min-new-rated",
+        type=int,
+        default=160,
+        help="rated interactions that start the training run",
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=8, help="LoRA epochs over the dataset"
+    )
     demo.add_argument("--max-steps", type=int, default=None, help="cap on LoRA steps")
     demo.add_argument("--learning-rate", type=float, default=1e-3)
-    demo.add_argument("--rollout-steps", default="50",
-                      help="canary percentages, comma-separated (e.g. 5,25,50)")
-    demo.add_argument("--min-rated-per-arm", type=int, default=30,
-                      help="rated answers per arm before the analyzer may decide")
-    demo.add_argument("--max-rated-per-arm", type=int, default=150,
-                      help="rated answers per arm after which an undecided test rolls back")
-    demo.add_argument("--after-decision", type=int, default=40,
-                      help="questions asked after the decision, to show its effect")
+    demo.add_argument(
+        "--rollout-steps",
+        default="50",
+        help="canary percentages, comma-separated (e.g. 5,25,50)",
+    )
+    demo.add_argument(
+        "--min-rated-per-arm",
+        type=int,
+        default=30,
+        help="rated answers per arm before the analyzer may decide",
+    )
+    demo.add_argument(
+        "--max-rated-per-arm",
+        type=int,
+        default=150,
+        help="rated answers per arm after which an undecided test rolls back",
+    )
+    demo.add_argument(
+        "--after-decision",
+        type=int,
+        default=40,
+        help="questions asked after the decision, to show its effect",
+    )
     demo.add_argument("--max-minutes", type=float, default=14.0, help="hard time limit")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--report-dir", default="reports", help="where the PNG chart goes")
+    demo.add_argument(
+        "--report-dir", default="reports", help="where the PNG chart goes"
+    )
 
     commands.add_parser("status", help="what runs, topic lag, rows, routing table")
 
@@ -199,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
-        "up": cmd_up, "demo": cmd_demo, "status": cmd_status, "db": cmd_migrate,
-        "promote": cmd_manual, "rollback": cmd_manual,
+        "up": cmd_up,
+        "demo": cmd_demo,
+        "status": cmd_status,
+        "db": cmd_migrate,
+        "promote": cmd_manual,
+        "rollback": cmd_manual,
     }
     try:
         return asyncio.run(handlers[args.command](args))

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -77,17 +78,29 @@ class StackOptions:
 class Stack:
     """The embedded default, up and running, with its addresses."""
 
-    def __init__(self, options: StackOptions, *, on_progress: Callable[[str], None] = print):
+    def __init__(
+        self, options: StackOptions, *, on_progress: Callable[[str], None] = print
+    ):
         self.options = options
         self.on_progress = on_progress
         data = options.data_dir.resolve()
         self.data_dir = data
         self.broker = EmbeddedBroker(data / "kafka", port=free_port())
         self.postgres = EmbeddedPostgres(data / "postgres", port=free_port())
-        self.ports = {name: free_port() for name in
-                      ("gateway", "inference", "trainer_grpc", "trainer_metrics",
-                       "collector_metrics", "analyzer_metrics")}
+        self.ports = {
+            name: free_port()
+            for name in (
+                "gateway",
+                "inference",
+                "trainer_grpc",
+                "trainer_metrics",
+                "collector_metrics",
+                "analyzer_metrics",
+            )
+        }
         self.services: list[ServiceProcess] = []
+        # A fresh pseudonymization key per stack: user ids cannot be linked across runs.
+        self.pseudonym_key = secrets.token_hex(32)
 
     # -- addresses -------------------------------------------------------------
 
@@ -123,20 +136,24 @@ class Stack:
 
     def shared_env(self) -> dict[str, str]:
         env = {
-            key: value for key, value in os.environ.items() if not key.startswith("FLYWHEEL_")
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("FLYWHEEL_")
         }
-        env.update({
-            "PYTHONUNBUFFERED": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
-            "FLYWHEEL_KAFKA__TOPIC_PREFIX": self.options.topic_prefix,
-            "FLYWHEEL_POSTGRES__DSN": self.postgres.dsn,
-            "FLYWHEEL_POSTGRES__DB_SCHEMA": self.options.db_schema,
-            "FLYWHEEL_CONTROL__ADDRESS": self.control_address,
-            "FLYWHEEL_CONTROL__TOKEN": DEV_CONTROL_TOKEN,
-        })
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
+                "FLYWHEEL_KAFKA__TOPIC_PREFIX": self.options.topic_prefix,
+                "FLYWHEEL_POSTGRES__DSN": self.postgres.dsn,
+                "FLYWHEEL_POSTGRES__DB_SCHEMA": self.options.db_schema,
+                "FLYWHEEL_CONTROL__ADDRESS": self.control_address,
+                "FLYWHEEL_CONTROL__TOKEN": DEV_CONTROL_TOKEN,
+            }
+        )
         env.update(self.options.extra_env)
         return env
 
@@ -158,13 +175,17 @@ class Stack:
             "FLYWHEEL_TRAINER_STAGING__MAX_TOKENS": str(o.max_tokens),
         }
         if o.training_max_steps:
-            trainer_env["FLYWHEEL_TRAINER_TRAINING__MAX_STEPS"] = str(o.training_max_steps)
+            trainer_env["FLYWHEEL_TRAINER_TRAINING__MAX_STEPS"] = str(
+                o.training_max_steps
+            )
         return [
             ServiceProcess(
                 "inference",
-                {"FLYWHEEL_INFERENCE_PORT": str(p["inference"]),
-                 "FLYWHEEL_INFERENCE_ADAPTERS_DIR": adapters,
-                 "FLYWHEEL_INFERENCE_MAX_TOKENS": str(o.max_tokens)},
+                {
+                    "FLYWHEEL_INFERENCE_PORT": str(p["inference"]),
+                    "FLYWHEEL_INFERENCE_ADAPTERS_DIR": adapters,
+                    "FLYWHEEL_INFERENCE_MAX_TOKENS": str(o.max_tokens),
+                },
                 ready_url=f"http://127.0.0.1:{p['inference']}/healthz",
             ),
             ServiceProcess("trainer", trainer_env, ready_port=p["trainer_grpc"]),
@@ -175,17 +196,24 @@ class Stack:
             ),
             ServiceProcess(
                 "analyzer",
-                {"FLYWHEEL_ANALYZER_METRICS_PORT": str(p["analyzer_metrics"]),
-                 "FLYWHEEL_ANALYZER_APP_ID": f"analyzer-{o.db_schema}",
-                 "FLYWHEEL_ANALYZER_MIN_RATED_PER_ARM": str(o.analyzer_min_rated),
-                 "FLYWHEEL_ANALYZER_MAX_RATED_PER_ARM": str(o.analyzer_max_rated),
-                 "FLYWHEEL_ANALYZER_EVALUATION_INTERVAL_S": str(o.analyzer_interval_s),
-                 "FLYWHEEL_ANALYZER_DATA_DIR": str(data / "analyzer")},
+                {
+                    "FLYWHEEL_ANALYZER_METRICS_PORT": str(p["analyzer_metrics"]),
+                    "FLYWHEEL_ANALYZER_APP_ID": f"analyzer-{o.db_schema}",
+                    "FLYWHEEL_ANALYZER_MIN_RATED_PER_ARM": str(o.analyzer_min_rated),
+                    "FLYWHEEL_ANALYZER_MAX_RATED_PER_ARM": str(o.analyzer_max_rated),
+                    "FLYWHEEL_ANALYZER_EVALUATION_INTERVAL_S": str(
+                        o.analyzer_interval_s
+                    ),
+                    "FLYWHEEL_ANALYZER_DATA_DIR": str(data / "analyzer"),
+                },
                 ready_url=self.metrics_url("analyzer"),
             ),
             ServiceProcess(
                 "gateway",
-                {"FLYWHEEL_GATEWAY_PORT": str(p["gateway"])},
+                {
+                    "FLYWHEEL_GATEWAY_PORT": str(p["gateway"]),
+                    "FLYWHEEL_GATEWAY_PSEUDONYM_KEY": self.pseudonym_key,
+                },
                 ready_url=f"http://127.0.0.1:{p['gateway']}/healthz",
             ),
         ]
@@ -215,8 +243,11 @@ class Stack:
         with spec.log_path.open("ab") as log:
             spec.process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{spec.name}"],
-                env={**env, **spec.env}, cwd=REPO_ROOT, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**env, **spec.env},
+                cwd=REPO_ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.services.append(spec)
 
@@ -233,7 +264,9 @@ class Stack:
                 if await _is_ready(client, spec):
                     return
                 await asyncio.sleep(0.3)
-        raise StackError(f"{spec.name} not ready in {timeout_s:.0f} s; see {spec.log_path}")
+        raise StackError(
+            f"{spec.name} not ready in {timeout_s:.0f} s; see {spec.log_path}"
+        )
 
     def check_alive(self) -> None:
         """Raise StackError when a service died while the stack should be running."""

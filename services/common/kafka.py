@@ -72,7 +72,9 @@ async def ensure_topics(
         finally:
             await admin.close()
     if created:
-        logger.info("topics created names=%s partitions=%d", created, settings.partitions)
+        logger.info(
+            "topics created names=%s partitions=%d", created, settings.partitions
+        )
     return created
 
 

@@ -32,7 +32,9 @@ def configure_logging(settings: LoggingSettings, *, service: str) -> None:
         handler.setFormatter(JsonLineFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+            logging.Formatter(
+                f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"
+            )
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

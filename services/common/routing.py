@@ -110,7 +110,9 @@ class RoutingTable:
                 pb.Route(
                     name=route.name,
                     experiment_id=route.experiment_id,
-                    variants=[pb.Variant(**vars(variant)) for variant in route.variants],
+                    variants=[
+                        pb.Variant(**vars(variant)) for variant in route.variants
+                    ],
                 )
                 for route in self.routes.values()
             ],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -103,12 +104,16 @@ class RoutingTableWatcher:
                 pass
 
 
-async def _until(call: aio.UnaryStreamCall, stop_wait: asyncio.Future[bool]):  # type: ignore[no-untyped-def]
+async def _until(
+    call: aio.UnaryStreamCall, stop_wait: asyncio.Future[Any]
+) -> AsyncIterator[Any]:
     """Yield the stream's messages until it ends or `stop_wait` completes."""
     iterator = call.__aiter__()
     while True:
         next_message = asyncio.ensure_future(iterator.__anext__())
-        done, _ = await asyncio.wait({next_message, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {next_message, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+        )
         if next_message not in done:
             next_message.cancel()
             return

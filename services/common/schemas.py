@@ -16,7 +16,9 @@ from services.common.events import EVENT_MODELS
 def render_schemas() -> dict[str, str]:
     """File name -> JSON text of each event's schema."""
     return {
-        f"{name}.v1.schema.json": json.dumps(model.model_json_schema(), indent=2, sort_keys=True)
+        f"{name}.v1.schema.json": json.dumps(
+            model.model_json_schema(), indent=2, sort_keys=True
+        )
         + "\n"
         for name, model in EVENT_MODELS.items()
     }

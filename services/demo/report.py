@@ -53,8 +53,10 @@ class DemoReport:
 
     def lines(self) -> list[str]:
         out = [f"Flywheel demo report ({self.elapsed_s / 60:.1f} min)", ""]
-        out.append(f"{'model version':<22}{'answers':>8}  {'positive feedback':<20}"
-                   f"{'accuracy, trained':<22}{'accuracy, held out':<22}")
+        out.append(
+            f"{'model version':<22}{'answers':>8}  {'positive feedback':<20}"
+            f"{'accuracy, trained':<22}{'accuracy, held out':<22}"
+        )
         for name, stats in sorted(self.versions.items()):
             out.append(
                 f"{name:<22}{stats.answers:>8}  "
@@ -68,17 +70,21 @@ class DemoReport:
             training = (row.get("scores") or {}).get("training") or {}
             detail = ""
             if staging:
-                detail = (f" staging trained {staging['candidate_trained']:.2f} vs "
-                          f"{staging['production_trained']:.2f}, held out "
-                          f"{staging['candidate_holdout']:.2f} vs "
-                          f"{staging['production_holdout']:.2f}")
+                detail = (
+                    f" staging trained {staging['candidate_trained']:.2f} vs "
+                    f"{staging['production_trained']:.2f}, held out "
+                    f"{staging['candidate_holdout']:.2f} vs "
+                    f"{staging['production_holdout']:.2f}"
+                )
             if training.get("seconds"):
                 detail += f", trained in {training['seconds']:.0f} s"
             out.append(f"  {row['version_id']:<20} {row['state']:<12}{detail}")
         out += ["", "Rollout decisions:"]
         for decision in self.decisions:
-            out.append(f"  {decision['created_at']:%H:%M:%S} {decision['action']:<12} "
-                       f"by {decision['source']:<9} {decision['reason']}")
+            out.append(
+                f"  {decision['created_at']:%H:%M:%S} {decision['action']:<12} "
+                f"by {decision['source']:<9} {decision['reason']}"
+            )
             verdict = decision.get("verdict")
             if verdict:
                 out.append(
@@ -93,10 +99,13 @@ class DemoReport:
                     )
         if not self.decisions:
             out.append("  (none)")
-        out += ["", f"Stored in PostgreSQL: {self.stored_interactions} interactions, "
-                f"{self.stored_feedback} feedback events; analyzer counted "
-                f"{self.analyzer_requests:.0f} requests, {self.analyzer_positive:.0f} "
-                "positive ratings."]
+        out += [
+            "",
+            f"Stored in PostgreSQL: {self.stored_interactions} interactions, "
+            f"{self.stored_feedback} feedback events; analyzer counted "
+            f"{self.analyzer_requests:.0f} requests, {self.analyzer_positive:.0f} "
+            "positive ratings.",
+        ]
         return out
 
     def chart(self, path: Path, bin_s: float = 30.0) -> Path:
@@ -114,22 +123,34 @@ class DemoReport:
             keys = sorted(k for k in bins if k[0] == version)
             xs = [(k[1] + 0.5) * bin_s / 60 for k in keys]
             stats = [bins[k] for k in keys]
-            top.plot(xs, [s.positive / s.answers for s in stats], marker="o", label=version)
+            top.plot(
+                xs, [s.positive / s.answers for s in stats], marker="o", label=version
+            )
             for held_out, style in ((False, "-"), (True, "--")):
                 points = [
-                    (x, (s.correct_held_out / s.asked_held_out) if held_out
-                     else (s.correct_trained / s.asked_trained))
+                    (
+                        x,
+                        (s.correct_held_out / s.asked_held_out)
+                        if held_out
+                        else (s.correct_trained / s.asked_trained),
+                    )
                     for x, s in zip(xs, stats, strict=True)
                     if (s.asked_held_out if held_out else s.asked_trained)
                 ]
                 if points:
-                    bottom.plot(*zip(*points, strict=True), style, marker=".",
-                                label=f"{version} ({'held out' if held_out else 'trained'})")
+                    bottom.plot(
+                        *zip(*points, strict=True),
+                        style,
+                        marker=".",
+                        label=f"{version} ({'held out' if held_out else 'trained'})",
+                    )
         for axis in (top, bottom):
             for at_s, label in self.events:
                 axis.axvline(at_s / 60, color="grey", linestyle=":")
                 if axis is top:
-                    axis.text(at_s / 60, 1.02, label, rotation=90, fontsize=7, va="bottom")
+                    axis.text(
+                        at_s / 60, 1.02, label, rotation=90, fontsize=7, va="bottom"
+                    )
             axis.set_ylim(0, 1)
             axis.legend(fontsize=7, loc="lower right")
             axis.grid(alpha=0.3)

@@ -67,14 +67,17 @@ async def loop_state(pool: asyncpg.Pool, route: str) -> dict[str, Any]:
     """Where the loop stands, read from PostgreSQL (also used by `flywheel status`)."""
     versions = await pool.fetch(
         "SELECT version_id, state, scores, created_at, updated_at FROM model_versions"
-        " WHERE route = $1 ORDER BY created_at", route,
+        " WHERE route = $1 ORDER BY created_at",
+        route,
     )
     rollout = await pool.fetchrow(
-        "SELECT * FROM rollouts WHERE route = $1 ORDER BY created_at DESC LIMIT 1", route
+        "SELECT * FROM rollouts WHERE route = $1 ORDER BY created_at DESC LIMIT 1",
+        route,
     )
     decisions = await pool.fetch(
         "SELECT d.*, r.candidate FROM rollout_decisions d JOIN rollouts r USING (rollout_id)"
-        " WHERE r.route = $1 ORDER BY decision_id", route,
+        " WHERE r.route = $1 ORDER BY decision_id",
+        route,
     )
     table = await pool.fetchrow(
         "SELECT version, body FROM routing_tables ORDER BY version DESC LIMIT 1"
@@ -83,7 +86,9 @@ async def loop_state(pool: asyncpg.Pool, route: str) -> dict[str, Any]:
         "versions": [dict(v) for v in versions],
         "rollout": dict(rollout) if rollout else None,
         "decisions": [dict(d) for d in decisions],
-        "datasets": await pool.fetchval("SELECT count(*) FROM datasets WHERE route = $1", route),
+        "datasets": await pool.fetchval(
+            "SELECT count(*) FROM datasets WHERE route = $1", route
+        ),
         "routing": dict(table) if table else None,
         "interactions": await pool.fetchval("SELECT count(*) FROM interactions"),
         "feedback": await pool.fetchval("SELECT count(*) FROM feedback"),
@@ -108,7 +113,8 @@ def routing_summary(state: dict[str, Any], route: str) -> str:
     for item in state["routing"]["body"]["routes"]:
         if item["name"] == route:
             return " + ".join(
-                f"{v['name']} {v['weight_buckets'] / 100:.0f}%" for v in item["variants"]
+                f"{v['name']} {v['weight_buckets'] / 100:.0f}%"
+                for v in item["variants"]
             )
     return "-"
 
@@ -117,17 +123,26 @@ async def scrape_sum(url: str, metric: str) -> float:
     """Sum every series of `metric` on a Prometheus text page."""
     async with httpx.AsyncClient(timeout=5) as client:
         text = (await client.get(url)).text
-    pattern = re.compile(rf"^{re.escape(metric)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", re.MULTILINE)
+    pattern = re.compile(
+        rf"^{re.escape(metric)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", re.MULTILINE
+    )
     return sum(float(match.group(2)) for match in pattern.finditer(text))
 
 
-async def drive(stack: Stack, options: DemoOptions, pool: asyncpg.Pool) -> tuple[str, SimulatedUsers, list[tuple[float, str]]]:
+async def drive(
+    stack: Stack, options: DemoOptions, pool: asyncpg.Pool
+) -> tuple[str, SimulatedUsers, list[tuple[float, str]]]:
     """Run traffic through the phases; return the final phase, the users and events."""
     route = stack.options.route
     questions = pick_questions(options.questions, options.held_out, options.seed)
     users = SimulatedUsers(
-        stack.gateway_url, DEV_API_KEY, route, questions, users=options.users,
-        seed=options.seed, behaviour=UserBehaviour(max_tokens=stack.options.max_tokens),
+        stack.gateway_url,
+        DEV_API_KEY,
+        route,
+        questions,
+        users=options.users,
+        seed=options.seed,
+        behaviour=UserBehaviour(max_tokens=stack.options.max_tokens),
     )
     stop = asyncio.Event()
     traffic = asyncio.create_task(users.run(stop, concurrency=options.concurrency))
@@ -152,13 +167,20 @@ async def drive(stack: Stack, options: DemoOptions, pool: asyncpg.Pool) -> tuple
                 last_line = time.monotonic()
                 done = users.traffic.exchanges
                 rate = sum(e.positive for e in done[-50:]) / max(1, len(done[-50:]))
-                _say(f"{phase:<9} {elapsed / 60:4.1f} min  asked {len(done):4d}  "
-                     f"stored {state['interactions']:4d}  recent positive {rate:5.1%}  "
-                     f"routing: {routing_summary(state, route)}")
-            if decided_at is not None and len(users.traffic.exchanges) >= decided_at + options.after_decision:
+                _say(
+                    f"{phase:<9} {elapsed / 60:4.1f} min  asked {len(done):4d}  "
+                    f"stored {state['interactions']:4d}  recent positive {rate:5.1%}  "
+                    f"routing: {routing_summary(state, route)}"
+                )
+            if (
+                decided_at is not None
+                and len(users.traffic.exchanges) >= decided_at + options.after_decision
+            ):
                 break
             if elapsed > options.max_minutes * 60:
-                _say(f"time limit of {options.max_minutes} min reached in phase {phase}")
+                _say(
+                    f"time limit of {options.max_minutes} min reached in phase {phase}"
+                )
                 break
     finally:
         stop.set()
@@ -167,7 +189,10 @@ async def drive(stack: Stack, options: DemoOptions, pool: asyncpg.Pool) -> tuple
 
 
 async def build_report(
-    stack: Stack, pool: asyncpg.Pool, users: SimulatedUsers, events: list[tuple[float, str]],
+    stack: Stack,
+    pool: asyncpg.Pool,
+    users: SimulatedUsers,
+    events: list[tuple[float, str]],
     elapsed_s: float,
 ) -> DemoReport:
     """Join the users' view with what PostgreSQL and the analyzer recorded."""
@@ -176,7 +201,8 @@ async def build_report(
     ids = [e.interaction_id for e in exchanges]
     rows = await pool.fetch(
         "SELECT interaction_id::text AS id, model_version FROM interactions"
-        " WHERE interaction_id::text = ANY($1::text[])", ids,
+        " WHERE interaction_id::text = ANY($1::text[])",
+        ids,
     )
     version_of = {row["id"]: row["model_version"] or "?" for row in rows}
     report = DemoReport(events=events, elapsed_s=elapsed_s)
@@ -190,7 +216,9 @@ async def build_report(
     report.stored_interactions = state["interactions"]
     report.stored_feedback = state["feedback"]
     analyzer = stack.metrics_url("analyzer")
-    report.analyzer_requests = await scrape_sum(analyzer, "flywheel_analyzer_requests_total")
+    report.analyzer_requests = await scrape_sum(
+        analyzer, "flywheel_analyzer_requests_total"
+    )
     report.analyzer_positive = await scrape_sum(
         analyzer, "flywheel_analyzer_positive_feedback_total"
     )
@@ -226,9 +254,12 @@ async def run_demo(
         shutil.rmtree(workdir)
     stack = Stack(
         StackOptions(
-            data_dir=workdir, min_new_rated=options.min_new_rated,
-            rollout_steps=options.rollout_steps, training_epochs=options.epochs,
-            training_max_steps=options.max_steps, learning_rate=options.learning_rate,
+            data_dir=workdir,
+            min_new_rated=options.min_new_rated,
+            rollout_steps=options.rollout_steps,
+            training_epochs=options.epochs,
+            training_max_steps=options.max_steps,
+            learning_rate=options.learning_rate,
             analyzer_min_rated=options.min_rated_per_arm,
             analyzer_max_rated=options.max_rated_per_arm,
             extra_env=extra_env or {},
@@ -254,6 +285,13 @@ async def run_demo(
     finally:
         _say("stopping every process")
         stack.stop()
-    chart = report.chart(options.report_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.png")
-    return DemoResult(report=report, chart_path=chart, phase=phase,
-                      exchanges=len(users.traffic.exchanges), stack_ports=stack.ports)
+    chart = report.chart(
+        options.report_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    )
+    return DemoResult(
+        report=report,
+        chart_path=chart,
+        phase=phase,
+        exchanges=len(users.traffic.exchanges),
+        stack_ports=stack.ports,
+    )

@@ -73,10 +73,13 @@ class SimulatedUsers:
         self._users = [f"user-{n:03d}" for n in range(users)]
         self._rng = random.Random(seed)
         self._behaviour = behaviour
-        self._client = AsyncOpenAI(base_url=gateway_url, api_key=api_key, timeout=120,
-                                   max_retries=1)
+        self._client = AsyncOpenAI(
+            base_url=gateway_url, api_key=api_key, timeout=120, max_retries=1
+        )
         self._http = httpx.AsyncClient(
-            base_url=gateway_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            base_url=gateway_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
         )
         self._started = time.monotonic()
         self.traffic = Traffic()
@@ -105,21 +108,42 @@ class SimulatedUsers:
         correct = is_correct(question, answer)
         positive = correct and is_concise(answer, self._behaviour.max_words)
         corrected = not correct and self._rng.random() < self._behaviour.correction_rate
-        feedback = [{"interaction_id": response.id, "kind": "thumbs",
-                     "value": 1 if positive else -1, "user": user}]
+        feedback = [
+            {
+                "interaction_id": response.id,
+                "kind": "thumbs",
+                "value": 1 if positive else -1,
+                "user": user,
+            }
+        ]
         if corrected:
-            feedback.append({"interaction_id": response.id, "kind": "correction",
-                             "text": question.correction, "user": user})
+            feedback.append(
+                {
+                    "interaction_id": response.id,
+                    "kind": "correction",
+                    "text": question.correction,
+                    "user": user,
+                }
+            )
         reply = await self._http.post("/feedback", json={"feedback": feedback})
         reply.raise_for_status()
         self.traffic.feedback_sent += len(feedback)
-        self.traffic.exchanges.append(Exchange(
-            at_s=time.monotonic() - self._started, interaction_id=response.id, user=user,
-            question=question, answer=answer, correct=correct, positive=positive,
-            corrected=corrected,
-        ))
+        self.traffic.exchanges.append(
+            Exchange(
+                at_s=time.monotonic() - self._started,
+                interaction_id=response.id,
+                user=user,
+                question=question,
+                answer=answer,
+                correct=correct,
+                positive=positive,
+                corrected=corrected,
+            )
+        )
 
-    async def run(self, stop: asyncio.Event, *, concurrency: int, limit: int | None = None) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, concurrency: int, limit: int | None = None
+    ) -> None:
         """Send questions with `concurrency` users at a time until `stop` or `limit`."""
         start_count = len(self.traffic.exchanges) + self.traffic.errors
 

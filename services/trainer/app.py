@@ -10,7 +10,11 @@ from prometheus_client import start_http_server
 from services.common import db
 from services.trainer.pipeline import Pipeline
 from services.trainer.rollout import RolloutController
-from services.trainer.server import TableBroadcast, follow_database_loop, start_control_server
+from services.trainer.server import (
+    TableBroadcast,
+    follow_database_loop,
+    start_control_server,
+)
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import Registry
 
@@ -27,8 +31,12 @@ class App:
         settings = self.settings
         logger.info(
             "trainer starting route=%s grpc=%s:%d steps=%s min_new_rated=%d schema=%s",
-            settings.route, settings.grpc_host, settings.grpc_port, settings.rollout_steps,
-            settings.min_new_rated, settings.postgres.db_schema,
+            settings.route,
+            settings.grpc_host,
+            settings.grpc_port,
+            settings.rollout_steps,
+            settings.min_new_rated,
+            settings.postgres.db_schema,
         )
 
         # Start dependencies: the schema, the pool, the registry.
@@ -40,7 +48,8 @@ class App:
             registry, schema=settings.postgres.db_schema, on_table=broadcast.publish
         )
         await controller.ensure_bootstrap(
-            settings.route, base_model=settings.base_model,
+            settings.route,
+            base_model=settings.base_model,
             upstream_url=settings.inference_base_url,
         )
         await broadcast.publish(await registry.routing_table())
@@ -49,8 +58,11 @@ class App:
 
         # Serve the control plane, follow the database, run the scheduler.
         server = await start_control_server(
-            settings.control, host=settings.grpc_host, port=settings.grpc_port,
-            broadcast=broadcast, controller=controller,
+            settings.control,
+            host=settings.grpc_host,
+            port=settings.grpc_port,
+            broadcast=broadcast,
+            controller=controller,
         )
         pipeline = Pipeline(settings, registry, controller)
         try:

@@ -69,7 +69,12 @@ class Example:
 
     def chat_row(self) -> dict[str, Any]:
         """The row in OpenAI's chat fine-tuning format."""
-        return {"messages": [*self.prompt, {"role": "assistant", "content": self.completion}]}
+        return {
+            "messages": [
+                *self.prompt,
+                {"role": "assistant", "content": self.completion},
+            ]
+        }
 
 
 @dataclass
@@ -88,7 +93,9 @@ class Dataset:
         for split, rows in (("train", self.train), ("holdout", self.holdout)):
             for example in rows:
                 digest.update(split.encode())
-                digest.update(orjson.dumps(example.chat_row(), option=orjson.OPT_SORT_KEYS))
+                digest.update(
+                    orjson.dumps(example.chat_row(), option=orjson.OPT_SORT_KEYS)
+                )
         return digest.hexdigest()
 
 
@@ -100,7 +107,9 @@ def normalize(text: str) -> str:
 def approx_tokens(example: Example) -> int:
     # About four characters a token for English text with a BPE tokenizer; precise
     # enough to drop the over-long outliers without loading the tokenizer here.
-    chars = len(example.completion) + sum(len(str(m.get("content", ""))) for m in example.prompt)
+    chars = len(example.completion) + sum(
+        len(str(m.get("content", ""))) for m in example.prompt
+    )
     return chars // 4 + 4 * (len(example.prompt) + 1)
 
 
@@ -136,8 +145,11 @@ def curate(
             for m in row["request_messages"]
         ]
         example = Example(
-            prompt=prompt, completion=row["completion"].strip(), source=row["source"],
-            interaction_id=row["interaction_id"], feedback_id=row["feedback_id"],
+            prompt=prompt,
+            completion=row["completion"].strip(),
+            source=row["source"],
+            interaction_id=row["interaction_id"],
+            feedback_id=row["feedback_id"],
         )
         key = example.prompt_key()
         if (key, example.completion) in seen_exact:
@@ -156,7 +168,9 @@ def curate(
     return train, holdout, dropped
 
 
-async def count_new_rated(pool: asyncpg.Pool, route: str, since: datetime | None) -> int:
+async def count_new_rated(
+    pool: asyncpg.Pool, route: str, since: datetime | None
+) -> int:
     since = since or datetime.fromtimestamp(0).astimezone()
     return int(await pool.fetchval(NEW_RATED_SQL, route, since))
 
@@ -185,22 +199,39 @@ async def build_dataset(
         rows, exclude=exclude, holdout_share=holdout_share, max_tokens=max_tokens
     )
     dataset = Dataset(
-        dataset_id=f"ds-{uuid.uuid4().hex[:10]}", route=route, window_end=window_end,
-        train=train, holdout=holdout, dropped=dropped,
+        dataset_id=f"ds-{uuid.uuid4().hex[:10]}",
+        route=route,
+        window_end=window_end,
+        train=train,
+        holdout=holdout,
+        dropped=dropped,
     )
     async with pool.acquire() as connection, connection.transaction():
         await connection.execute(
             "INSERT INTO datasets (dataset_id, route, content_sha256, window_end,"
             " train_rows, holdout_rows, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            dataset.dataset_id, route, dataset.content_sha256(), window_end,
-            len(train), len(holdout), dict(dropped),
+            dataset.dataset_id,
+            route,
+            dataset.content_sha256(),
+            window_end,
+            len(train),
+            len(holdout),
+            dict(dropped),
         )
         await connection.executemany(
             "INSERT INTO dataset_rows (dataset_id, row_no, split, prompt, completion,"
             " source, interaction_id, feedback_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             [
-                (dataset.dataset_id, number, split, example.prompt, example.completion,
-                 example.source, example.interaction_id, example.feedback_id)
+                (
+                    dataset.dataset_id,
+                    number,
+                    split,
+                    example.prompt,
+                    example.completion,
+                    example.source,
+                    example.interaction_id,
+                    example.feedback_id,
+                )
                 for number, (split, example) in enumerate(
                     [("train", e) for e in train] + [("holdout", e) for e in holdout]
                 )
@@ -209,7 +240,10 @@ async def build_dataset(
     export_jsonl(dataset, out_dir / dataset.dataset_id)
     logger.info(
         "dataset built dataset=%s train=%d holdout=%d dropped=%s",
-        dataset.dataset_id, len(train), len(holdout), dict(dropped),
+        dataset.dataset_id,
+        len(train),
+        len(holdout),
+        dict(dropped),
     )
     return dataset
 

@@ -30,7 +30,10 @@ class Pipeline:
     """Runs training cycles for one route when the scheduler says so."""
 
     def __init__(
-        self, settings: TrainerSettings, registry: Registry, controller: RolloutController
+        self,
+        settings: TrainerSettings,
+        registry: Registry,
+        controller: RolloutController,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -41,11 +44,23 @@ class Pipeline:
         """Run the local LoRA backend in a subprocess, so the control plane stays live."""
         options = self._settings.training
         command = [
-            sys.executable, "-m", "services.trainer.finetune_local",
-            "--dataset", str(train_file), "--output", str(output_dir),
-            "--epochs", str(options.epochs), "--learning-rate", str(options.learning_rate),
-            "--rank", str(options.rank), "--seed", str(options.seed),
-            "--batch-size", str(options.batch_size),
+            sys.executable,
+            "-m",
+            "services.trainer.finetune_local",
+            "--dataset",
+            str(train_file),
+            "--output",
+            str(output_dir),
+            "--epochs",
+            str(options.epochs),
+            "--learning-rate",
+            str(options.learning_rate),
+            "--rank",
+            str(options.rank),
+            "--seed",
+            str(options.seed),
+            "--batch-size",
+            str(options.batch_size),
         ]
         if options.max_steps:
             command += ["--max-steps", str(options.max_steps)]
@@ -53,14 +68,20 @@ class Pipeline:
             *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), options.timeout_s)
+            stdout, stderr = await asyncio.wait_for(
+                process.communicate(), options.timeout_s
+            )
         except TimeoutError as error:
             process.kill()
             await process.wait()
-            raise TrainingFailedError(f"fine-tuning ran past {options.timeout_s:.0f} s") from error
+            raise TrainingFailedError(
+                f"fine-tuning ran past {options.timeout_s:.0f} s"
+            ) from error
         if process.returncode != 0:
             tail = stderr.decode(errors="replace")[-2000:]
-            raise TrainingFailedError(f"fine-tuning exited {process.returncode}: {tail}")
+            raise TrainingFailedError(
+                f"fine-tuning exited {process.returncode}: {tail}"
+            )
         lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
         return orjson.loads(lines[-1]) if lines else {}
 
@@ -73,9 +94,12 @@ class Pipeline:
         # 1. Curate a dataset snapshot of everything rated up to the window's end.
         started = loop.time()
         dataset = await datasets.build_dataset(
-            self._registry.pool, route, window_end=window_end,
+            self._registry.pool,
+            route,
+            window_end=window_end,
             exclude=(settings.exclude_metadata_key, settings.exclude_metadata_value),
-            holdout_share=settings.holdout_share, max_tokens=settings.max_example_tokens,
+            holdout_share=settings.holdout_share,
+            max_tokens=settings.max_example_tokens,
             out_dir=Path(settings.datasets_dir),
         )
         timings["dataset_s"] = loop.time() - started
@@ -89,9 +113,14 @@ class Pipeline:
         number = await self._registry.next_version_number(route)
         version_id = f"{route}-v{number}"
         candidate = ModelVersion(
-            version_id=version_id, route=route, base_model=production.base_model,
-            adapter=version_id, upstream_url=production.upstream_url, state="training",
-            parent_version=production.version_id, dataset_id=dataset.dataset_id,
+            version_id=version_id,
+            route=route,
+            base_model=production.base_model,
+            adapter=version_id,
+            upstream_url=production.upstream_url,
+            state="training",
+            parent_version=production.version_id,
+            dataset_id=dataset.dataset_id,
         )
         await self._registry.register_version(
             self._registry.pool, candidate, settings=settings.training.model_dump()
@@ -112,7 +141,10 @@ class Pipeline:
         # 3. Staging: both models answer trained and held-out prompts.
         started = loop.time()
         verdict = await staging.evaluate(
-            candidate, production, dataset.train, dataset.holdout,
+            candidate,
+            production,
+            dataset.train,
+            dataset.holdout,
             max_prompts=settings.staging.max_prompts,
             max_holdout_regression=settings.staging.max_holdout_regression,
             min_trained_gain=settings.staging.min_trained_gain,
@@ -120,8 +152,12 @@ class Pipeline:
         )
         timings["staging_s"] = loop.time() - started
         await self._registry.set_scores(version_id, verdict.as_scores())
-        logger.info("staging done version=%s passed=%s reason=%s", version_id,
-                    verdict.passed, verdict.reason)
+        logger.info(
+            "staging done version=%s passed=%s reason=%s",
+            version_id,
+            verdict.passed,
+            verdict.reason,
+        )
 
         # 4. Only a candidate that passed staging ever gets traffic.
         if not verdict.passed:
@@ -134,9 +170,13 @@ class Pipeline:
             )
             outcome = "canary"
         self.last_cycle = {
-            "outcome": outcome, "version": version_id, "dataset": dataset.dataset_id,
-            "train_rows": len(dataset.train), "holdout_rows": len(dataset.holdout),
-            "timings": timings, "staging": verdict.__dict__,
+            "outcome": outcome,
+            "version": version_id,
+            "dataset": dataset.dataset_id,
+            "train_rows": len(dataset.train),
+            "holdout_rows": len(dataset.holdout),
+            "timings": timings,
+            "staging": verdict.__dict__,
         }
         return self.last_cycle
 
@@ -151,12 +191,18 @@ class Pipeline:
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
         """Start a cycle when due; one at a time across replicas (advisory lock)."""
-        cron = croniter(self._settings.cron, datetime.now(UTC)) if self._settings.cron else None
+        cron = (
+            croniter(self._settings.cron, datetime.now(UTC))
+            if self._settings.cron
+            else None
+        )
         next_cron = cron.get_next(datetime) if cron else None
         attempts = 0
         while not stop.is_set():
             try:
-                since = await datasets.last_window_end(self._registry.pool, self._settings.route)
+                since = await datasets.last_window_end(
+                    self._registry.pool, self._settings.route
+                )
                 if await self._due(since, next_cron):
                     ran = await self._run_locked()
                     if ran and cron is not None:
@@ -165,8 +211,12 @@ class Pipeline:
             except (TrainingFailedError, OSError) as error:
                 attempts += 1
                 delay_s = min(300.0, 5.0 * 2**attempts)
-                logger.warning("training cycle failed attempt=%d retry_in_s=%.0f: %s",
-                               attempts, delay_s, error)
+                logger.warning(
+                    "training cycle failed attempt=%d retry_in_s=%.0f: %s",
+                    attempts,
+                    delay_s,
+                    error,
+                )
                 if attempts >= self._settings.max_run_attempts:
                     logger.error("training cycle gave up after %d attempts", attempts)
                     attempts = 0
@@ -185,7 +235,9 @@ class Pipeline:
             try:
                 await self.run_cycle(datetime.now(UTC))
             finally:
-                await connection.execute("SELECT pg_advisory_unlock(hashtext($1), $2)", *key)
+                await connection.execute(
+                    "SELECT pg_advisory_unlock(hashtext($1), $2)", *key
+                )
         return True
 
 

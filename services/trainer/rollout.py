@@ -50,7 +50,11 @@ def production_route(route: str, production: ModelVersion) -> Route:
 
 
 def canary_route(
-    route: str, candidate: ModelVersion, baseline: ModelVersion, percent: int, experiment: str
+    route: str,
+    candidate: ModelVersion,
+    baseline: ModelVersion,
+    percent: int,
+    experiment: str,
 ) -> Route:
     # The canary is listed first: growing its share only adds buckets to it, so every
     # user already in the canary stays there (see services/common/routing.py).
@@ -84,13 +88,19 @@ class RolloutController:
             "SELECT pg_advisory_xact_lock(hashtext($1), $2)", self._schema, ROLLOUT_LOCK
         )
 
-    async def _still_current(self, connection: asyncpg.Connection, rollout: Rollout) -> bool:
+    async def _still_current(
+        self, connection: asyncpg.Connection, rollout: Rollout
+    ) -> bool:
         """Whether `rollout` is still running at the same step (under the lock)."""
         row = await connection.fetchrow(
             "SELECT state, step_index FROM rollouts WHERE rollout_id = $1 FOR UPDATE",
             rollout.rollout_id,
         )
-        return bool(row and row["state"] == "running" and row["step_index"] == rollout.step_index)
+        return bool(
+            row
+            and row["state"] == "running"
+            and row["step_index"] == rollout.step_index
+        )
 
     async def _publish(self, table: RoutingTable) -> None:
         if self._on_table is not None:
@@ -110,13 +120,20 @@ class RolloutController:
         self, route: str, *, base_model: str, upstream_url: str
     ) -> RoutingTable:
         """Register the base model as production and route to it, once per route."""
-        async with self._registry.pool.acquire() as connection, connection.transaction():
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
             await self._locked(connection)
             if await self._registry.production(route) is not None:
                 return await self._registry.routing_table()
             base = ModelVersion(
-                version_id=f"{route}-v1", route=route, base_model=base_model,
-                adapter=None, upstream_url=upstream_url, state="production",
+                version_id=f"{route}-v1",
+                route=route,
+                base_model=base_model,
+                adapter=None,
+                upstream_url=upstream_url,
+                state="production",
             )
             await self._registry.register_version(connection, base)
             table = await self._replace_route(
@@ -128,20 +145,32 @@ class RolloutController:
 
     async def start(self, candidate: ModelVersion, steps: list[int]) -> Rollout:
         """Give a staged candidate its first canary step."""
-        async with self._registry.pool.acquire() as connection, connection.transaction():
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
             await self._locked(connection)
             baseline = await self._registry.production(candidate.route)
             if baseline is None:
-                raise LookupError(f"route {candidate.route!r} has no production version")
+                raise LookupError(
+                    f"route {candidate.route!r} has no production version"
+                )
             rollout = Rollout(
-                rollout_id=f"ro-{uuid.uuid4().hex[:8]}", route=candidate.route,
-                candidate=candidate.version_id, baseline=baseline.version_id,
-                steps=steps, step_index=0, state="running",
+                rollout_id=f"ro-{uuid.uuid4().hex[:8]}",
+                route=candidate.route,
+                candidate=candidate.version_id,
+                baseline=baseline.version_id,
+                steps=steps,
+                step_index=0,
+                state="running",
             )
             await connection.execute(
                 "INSERT INTO rollouts (rollout_id, route, candidate, baseline, steps,"
                 " step_index, state) VALUES ($1, $2, $3, $4, $5, 0, 'running')",
-                rollout.rollout_id, rollout.route, rollout.candidate, rollout.baseline,
+                rollout.rollout_id,
+                rollout.route,
+                rollout.candidate,
+                rollout.baseline,
                 steps,
             )
             await self._registry.set_state(connection, candidate.version_id, "canary")
@@ -150,13 +179,19 @@ class RolloutController:
             )
             table = await self._replace_route(connection, route, f"canary {steps[0]}%")
             await self._registry.record_decision(
-                connection, rollout.rollout_id, action="started", source="pipeline",
-                reason=f"canary at {steps[0]}%", verdict=None,
+                connection,
+                rollout.rollout_id,
+                action="started",
+                source="pipeline",
+                reason=f"canary at {steps[0]}%",
+                verdict=None,
                 routing_version=table.version,
             )
         logger.info(
             "rollout started rollout=%s candidate=%s percent=%d",
-            rollout.rollout_id, candidate.version_id, steps[0],
+            rollout.rollout_id,
+            candidate.version_id,
+            steps[0],
         )
         await self._publish(table)
         return rollout
@@ -166,12 +201,18 @@ class RolloutController:
         rollout = await self._registry.running_rollout(route)
         current = await self._registry.routing_table()
         if rollout is None or verdict.get("experiment_id") != rollout.experiment_id:
-            return Outcome("ignored", current.version, "no running step with that experiment")
+            return Outcome(
+                "ignored", current.version, "no running step with that experiment"
+            )
         decision = verdict.get("decision")
         if decision == "promote":
-            return await self._advance(rollout, "analyzer", verdict.get("reason", ""), verdict)
+            return await self._advance(
+                rollout, "analyzer", verdict.get("reason", ""), verdict
+            )
         if decision == "roll_back":
-            return await self._roll_back(rollout, "analyzer", verdict.get("reason", ""), verdict)
+            return await self._roll_back(
+                rollout, "analyzer", verdict.get("reason", ""), verdict
+            )
         return Outcome("held", current.version, "experiment continues")
 
     async def promote(self, route: str, reason: str) -> Outcome:
@@ -195,7 +236,10 @@ class RolloutController:
         baseline = await self._registry.version(rollout.baseline)
         assert candidate is not None and baseline is not None
         next_index = rollout.step_index + 1
-        async with self._registry.pool.acquire() as connection, connection.transaction():
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
             await self._locked(connection)
             if not await self._still_current(connection, rollout):
                 return Outcome("ignored", 0, "the rollout moved on meanwhile")
@@ -203,11 +247,14 @@ class RolloutController:
                 percent = rollout.steps[next_index]
                 action = "advanced"
                 experiment = f"{rollout.rollout_id}-s{next_index}"
-                route = canary_route(rollout.route, candidate, baseline, percent, experiment)
+                route = canary_route(
+                    rollout.route, candidate, baseline, percent, experiment
+                )
                 await connection.execute(
                     "UPDATE rollouts SET step_index = $2, updated_at = now()"
                     " WHERE rollout_id = $1",
-                    rollout.rollout_id, next_index,
+                    rollout.rollout_id,
+                    next_index,
                 )
                 table_reason = f"canary {percent}%"
             else:
@@ -218,17 +265,29 @@ class RolloutController:
                     " WHERE rollout_id = $1",
                     rollout.rollout_id,
                 )
-                await self._registry.set_state(connection, candidate.version_id, "production")
-                await self._registry.set_state(connection, baseline.version_id, "retired")
+                await self._registry.set_state(
+                    connection, candidate.version_id, "production"
+                )
+                await self._registry.set_state(
+                    connection, baseline.version_id, "retired"
+                )
                 table_reason = f"promoted {candidate.version_id}"
             table = await self._replace_route(connection, route, table_reason)
             await self._registry.record_decision(
-                connection, rollout.rollout_id, action=action, source=source,
-                reason=reason, verdict=verdict, routing_version=table.version,
+                connection,
+                rollout.rollout_id,
+                action=action,
+                source=source,
+                reason=reason,
+                verdict=verdict,
+                routing_version=table.version,
             )
         logger.info(
-            "rollout %s rollout=%s source=%s reason=%s", action, rollout.rollout_id,
-            source, reason,
+            "rollout %s rollout=%s source=%s reason=%s",
+            action,
+            rollout.rollout_id,
+            source,
+            reason,
         )
         await self._publish(table)
         return Outcome(action, table.version, reason)
@@ -238,7 +297,10 @@ class RolloutController:
     ) -> Outcome:
         baseline = await self._registry.version(rollout.baseline)
         assert baseline is not None
-        async with self._registry.pool.acquire() as connection, connection.transaction():
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
             await self._locked(connection)
             if not await self._still_current(connection, rollout):
                 return Outcome("ignored", 0, "the rollout moved on meanwhile")
@@ -249,16 +311,24 @@ class RolloutController:
             )
             await self._registry.set_state(connection, rollout.candidate, "rolled_back")
             table = await self._replace_route(
-                connection, production_route(rollout.route, baseline),
+                connection,
+                production_route(rollout.route, baseline),
                 f"rolled back {rollout.candidate}",
             )
             await self._registry.record_decision(
-                connection, rollout.rollout_id, action="rolled_back", source=source,
-                reason=reason, verdict=verdict, routing_version=table.version,
+                connection,
+                rollout.rollout_id,
+                action="rolled_back",
+                source=source,
+                reason=reason,
+                verdict=verdict,
+                routing_version=table.version,
             )
         logger.warning(
             "rollout rolled back rollout=%s source=%s reason=%s",
-            rollout.rollout_id, source, reason,
+            rollout.rollout_id,
+            source,
+            reason,
         )
         await self._publish(table)
         return Outcome("rolled_back", table.version, reason)

@@ -77,7 +77,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # 
     async def ReportVerdict(  # noqa: N802 - gRPC method name
         self, request: pb.ExperimentVerdict, context: aio.ServicerContext
     ) -> pb.VerdictAck:
-        verdict: dict[str, Any] = MessageToDict(request, preserving_proto_field_name=True)
+        verdict: dict[str, Any] = MessageToDict(
+            request, preserving_proto_field_name=True
+        )
         verdict["decision"] = DECISIONS.get(request.decision, "continue")
         outcome = await self._controller.on_verdict(request.route, verdict)
         return _ack(outcome)
@@ -86,7 +88,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # 
         self, request: pb.ManualActionRequest, context: aio.ServicerContext
     ) -> pb.VerdictAck:
         try:
-            outcome = await self._controller.promote(request.route, request.reason or "manual")
+            outcome = await self._controller.promote(
+                request.route, request.reason or "manual"
+            )
         except LookupError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return _ack(outcome)
@@ -95,7 +99,9 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # 
         self, request: pb.ManualActionRequest, context: aio.ServicerContext
     ) -> pb.VerdictAck:
         try:
-            outcome = await self._controller.roll_back(request.route, request.reason or "manual")
+            outcome = await self._controller.roll_back(
+                request.route, request.reason or "manual"
+            )
         except LookupError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return _ack(outcome)
@@ -114,7 +120,9 @@ async def start_control_server(
     controller: RolloutController,
 ) -> aio.Server:
     """Start the authenticated gRPC server; the caller stops it."""
-    server = aio.server(interceptors=[TokenAuthInterceptor(settings.token.get_secret_value())])
+    server = aio.server(
+        interceptors=[TokenAuthInterceptor(settings.token.get_secret_value())]
+    )
     pb_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(broadcast), server)
     pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(controller), server)
     credentials = server_credentials(settings)
@@ -129,13 +137,16 @@ async def start_control_server(
 
 
 async def follow_database_loop(
-    registry: Registry, broadcast: TableBroadcast, stop: asyncio.Event, interval_s: float = 2.0
+    registry: Registry,
+    broadcast: TableBroadcast,
+    stop: asyncio.Event,
+    interval_s: float = 2.0,
 ) -> None:
     """Pick up routing tables written by other processes (another replica, a migration)."""
     while not stop.is_set():
         try:
             await broadcast.publish(await registry.routing_table())
-        except (OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError) as error:
             logger.warning("routing table refresh failed: %r", error)
         try:
             await asyncio.wait_for(stop.wait(), interval_s)

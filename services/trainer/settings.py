@@ -84,7 +84,11 @@ class TrainerSettings(ServiceSettings):
     @field_validator("rollout_steps")
     @classmethod
     def _check_steps(cls, steps: list[int]) -> list[int]:
-        if not steps or any(not 0 < s < 100 for s in steps) or steps != sorted(set(steps)):
+        if (
+            not steps
+            or any(not 0 < s < 100 for s in steps)
+            or steps != sorted(set(steps))
+        ):
             raise ValueError(
                 f"rollout_steps must be increasing percentages in (0, 100), got {steps}"
             )

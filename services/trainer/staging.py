@@ -25,14 +25,16 @@ from services.trainer.store import ModelVersion
 logger = logging.getLogger(__name__)
 
 STOPWORDS = frozenset(
-    "a an the is are was were of in on at to for and or it its this that be by with as".split()
+    ["a", "an", "the", "is", "are", "was", "were", "of", "in", "on", "at", "to", "for", "and", "or", "it", "its", "this", "that", "be", "by", "with", "as"]
 )
 
 
 class Scorer(Protocol):
     """Scores one answer against the references for its prompt, in [0, 1]."""
 
-    async def score(self, prompt: list[dict[str, Any]], answer: str, references: list[str]) -> float: ...
+    async def score(
+        self, prompt: list[dict[str, Any]], answer: str, references: list[str]
+    ) -> float: ...
 
 
 def _words(text: str) -> set[str]:
@@ -71,7 +73,9 @@ class StagingResult:
         return {"staging": self.__dict__}
 
 
-def group_by_prompt(examples: Sequence[Example]) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
+def group_by_prompt(
+    examples: Sequence[Example],
+) -> dict[str, tuple[list[dict[str, Any]], list[str]]]:
     grouped: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
     references: dict[str, list[str]] = defaultdict(list)
     for example in examples:
@@ -82,7 +86,10 @@ def group_by_prompt(examples: Sequence[Example]) -> dict[str, tuple[list[dict[st
 
 
 async def answer(
-    client: AsyncOpenAI, version: ModelVersion, prompt: list[dict[str, Any]], max_tokens: int
+    client: AsyncOpenAI,
+    version: ModelVersion,
+    prompt: list[dict[str, Any]],
+    max_tokens: int,
 ) -> str:
     response = await client.chat.completions.create(
         model=version.adapter or version.base_model,
@@ -141,22 +148,35 @@ async def evaluate(
         )
     except OpenAIError as error:
         return StagingResult(
-            0, 0, 0, 0, len(trained), len(held), False, f"staging calls failed: {error!r}"
+            0,
+            0,
+            0,
+            0,
+            len(trained),
+            len(held),
+            False,
+            f"staging calls failed: {error!r}",
         )
     cand_trained, prod_trained, cand_held, prod_held = scores
     learned = cand_trained > prod_trained + min_trained_gain
     kept = not held or cand_held >= prod_held - max_holdout_regression
     if learned and kept:
-        reason = "candidate learned its training prompts and held its ground on the rest"
+        reason = (
+            "candidate learned its training prompts and held its ground on the rest"
+        )
     elif not learned:
-        reason = (f"no gain on trained prompts ({cand_trained:.2f} vs "
-                  f"{prod_trained:.2f})")
+        reason = (
+            f"no gain on trained prompts ({cand_trained:.2f} vs {prod_trained:.2f})"
+        )
     else:
-        reason = (f"regressed on held-out prompts ({cand_held:.2f} vs "
-                  f"{prod_held:.2f})")
+        reason = f"regressed on held-out prompts ({cand_held:.2f} vs {prod_held:.2f})"
     return StagingResult(
-        candidate_trained=cand_trained, production_trained=prod_trained,
-        candidate_holdout=cand_held, production_holdout=prod_held,
-        prompts_trained=len(trained), prompts_holdout=len(held),
-        passed=learned and kept, reason=reason,
+        candidate_trained=cand_trained,
+        production_trained=prod_trained,
+        candidate_holdout=cand_held,
+        production_holdout=prod_held,
+        prompts_trained=len(trained),
+        prompts_holdout=len(held),
+        passed=learned and kept,
+        reason=reason,
     )

@@ -88,9 +88,15 @@ class Registry:
             "INSERT INTO model_versions (version_id, route, base_model, adapter,"
             " upstream_url, parent_version, dataset_id, state, settings)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            version.version_id, version.route, version.base_model, version.adapter,
-            version.upstream_url, version.parent_version, version.dataset_id,
-            version.state, settings or {},
+            version.version_id,
+            version.route,
+            version.base_model,
+            version.adapter,
+            version.upstream_url,
+            version.parent_version,
+            version.dataset_id,
+            version.state,
+            settings or {},
         )
 
     async def set_state(
@@ -98,14 +104,16 @@ class Registry:
     ) -> None:
         await connection.execute(
             "UPDATE model_versions SET state = $2, updated_at = now() WHERE version_id = $1",
-            version_id, state,
+            version_id,
+            state,
         )
 
     async def set_scores(self, version_id: str, scores: dict[str, Any]) -> None:
         await self.pool.execute(
             "UPDATE model_versions SET scores = scores || $2, updated_at = now()"
             " WHERE version_id = $1",
-            version_id, scores,
+            version_id,
+            scores,
         )
 
     async def version(self, version_id: str) -> ModelVersion | None:
@@ -155,7 +163,9 @@ class Registry:
         versioned = RoutingTable(version=int(current) + 1, routes=table.routes)
         await connection.execute(
             "INSERT INTO routing_tables (version, body, reason) VALUES ($1, $2, $3)",
-            versioned.version, versioned.to_json(), reason,
+            versioned.version,
+            versioned.to_json(),
+            reason,
         )
         return versioned
 
@@ -187,7 +197,12 @@ class Registry:
         await connection.execute(
             "INSERT INTO rollout_decisions (rollout_id, action, source, reason, verdict,"
             " routing_version) VALUES ($1, $2, $3, $4, $5, $6)",
-            rollout_id, action, source, reason, verdict, routing_version,
+            rollout_id,
+            action,
+            source,
+            reason,
+            verdict,
+            routing_version,
         )
 
     async def decisions(self, route: str | None = None) -> list[dict[str, Any]]:

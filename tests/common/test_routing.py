@@ -6,8 +6,17 @@ def make_route(canary_buckets: int) -> Route:
         name="bot",
         experiment_id="exp",
         variants=(
-            Variant("bot-v2", "http://u/v1", "m", canary_buckets, adapter="a2", arm="treatment"),
-            Variant("bot-v1", "http://u/v1", "m", BUCKETS - canary_buckets, arm="control"),
+            Variant(
+                "bot-v2",
+                "http://u/v1",
+                "m",
+                canary_buckets,
+                adapter="a2",
+                arm="treatment",
+            ),
+            Variant(
+                "bot-v1", "http://u/v1", "m", BUCKETS - canary_buckets, arm="control"
+            ),
         ),
     )
 

@@ -23,29 +23,58 @@ async def test_the_loop_turns_once(tmp_path):
         seen["positive"] = sum(e.positive for e in traffic.exchanges)
         seen["interactions"] = await pool.fetchval("SELECT count(*) FROM interactions")
         seen["distinct_interactions"] = await pool.fetchval(
-            "SELECT count(DISTINCT interaction_id) FROM interactions")
+            "SELECT count(DISTINCT interaction_id) FROM interactions"
+        )
         seen["feedback"] = await pool.fetchval("SELECT count(*) FROM feedback")
-        seen["versions"] = {r["version_id"]: r["state"] for r in await pool.fetch(
-            "SELECT version_id, state FROM model_versions")}
-        seen["tables"] = [r["body"] for r in await pool.fetch(
-            "SELECT body FROM routing_tables ORDER BY version")]
-        seen["decisions"] = [r["action"] for r in await pool.fetch(
-            "SELECT action FROM rollout_decisions ORDER BY decision_id")]
+        seen["versions"] = {
+            r["version_id"]: r["state"]
+            for r in await pool.fetch("SELECT version_id, state FROM model_versions")
+        }
+        seen["tables"] = [
+            r["body"]
+            for r in await pool.fetch(
+                "SELECT body FROM routing_tables ORDER BY version"
+            )
+        ]
+        seen["decisions"] = [
+            r["action"]
+            for r in await pool.fetch(
+                "SELECT action FROM rollout_decisions ORDER BY decision_id"
+            )
+        ]
         analyzer = stack.metrics_url("analyzer")
         seen["metric_requests"] = await wait_until(
-            lambda: _when_equal(scrape_sum(analyzer, "flywheel_analyzer_requests_total"),
-                                seen["interactions"]), timeout_s=30)
+            lambda: _when_equal(
+                scrape_sum(analyzer, "flywheel_analyzer_requests_total"),
+                seen["interactions"],
+            ),
+            timeout_s=30,
+        )
         seen["metric_positive"] = await scrape_sum(
-            analyzer, "flywheel_analyzer_positive_feedback_total")
+            analyzer, "flywheel_analyzer_positive_feedback_total"
+        )
 
     options = DemoOptions(
-        data_dir=tmp_path, users=10, questions=12, held_out=3, concurrency=2,
-        min_new_rated=24, epochs=4, max_steps=12, learning_rate=2e-3,
-        rollout_steps=[50], min_rated_per_arm=6, max_rated_per_arm=20,
-        after_decision=6, max_minutes=10, report_dir=tmp_path / "reports",
+        data_dir=tmp_path,
+        users=10,
+        questions=12,
+        held_out=3,
+        concurrency=2,
+        min_new_rated=24,
+        epochs=4,
+        max_steps=12,
+        learning_rate=2e-3,
+        rollout_steps=[50],
+        min_rated_per_arm=6,
+        max_rated_per_arm=20,
+        after_decision=6,
+        max_minutes=10,
+        report_dir=tmp_path / "reports",
     )
-    extra = {"FLYWHEEL_TRAINER_STAGING__MAX_PROMPTS": "5",
-             "FLYWHEEL_TRAINER_STAGING__MAX_HOLDOUT_REGRESSION": "1.0"}
+    extra = {
+        "FLYWHEEL_TRAINER_STAGING__MAX_PROMPTS": "5",
+        "FLYWHEEL_TRAINER_STAGING__MAX_HOLDOUT_REGRESSION": "1.0",
+    }
 
     result = await run_demo(options, extra_env=extra, inspect=inspect)
 
@@ -63,7 +92,9 @@ async def test_the_loop_turns_once(tmp_path):
     # The routing table changed exactly as decided.
     final = {r["name"]: r for r in seen["tables"][-1]["routes"]}["capitals-bot"]
     served = [v["name"] for v in final["variants"]]
-    ever_served = {v["name"] for t in seen["tables"] for r in t["routes"] for v in r["variants"]}
+    ever_served = {
+        v["name"] for t in seen["tables"] for r in t["routes"] for v in r["variants"]
+    }
     assert result.phase in ("promoted", "rolled_back", "rejected")
     if result.phase == "promoted":
         assert served == [candidate] and candidates[candidate] == "production"

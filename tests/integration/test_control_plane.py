@@ -42,8 +42,12 @@ async def control_plane(pg_pool):
 
 async def stage_candidate(registry: Registry, number: int = 2) -> ModelVersion:
     candidate = ModelVersion(
-        version_id=f"{ROUTE}-v{number}", route=ROUTE, base_model="m",
-        adapter=f"{ROUTE}-v{number}", upstream_url="http://u/v1", state="staged",
+        version_id=f"{ROUTE}-v{number}",
+        route=ROUTE,
+        base_model="m",
+        adapter=f"{ROUTE}-v{number}",
+        upstream_url="http://u/v1",
+        state="staged",
         parent_version=f"{ROUTE}-v1",
     )
     await registry.register_version(registry.pool, candidate)
@@ -52,8 +56,14 @@ async def stage_candidate(registry: Registry, number: int = 2) -> ModelVersion:
 
 def verdict(experiment_id: str, decision: int) -> pb.ExperimentVerdict:
     return pb.ExperimentVerdict(
-        experiment_id=experiment_id, route=ROUTE, decision=decision, reason="test",
-        lift=0.2, lift_low=0.1, lift_high=0.3, p_value=0.01,
+        experiment_id=experiment_id,
+        route=ROUTE,
+        decision=decision,
+        reason="test",
+        lift=0.2,
+        lift_low=0.1,
+        lift_high=0.3,
+        p_value=0.01,
     )
 
 
@@ -65,22 +75,36 @@ async def test_verdicts_walk_the_canary_through_its_steps_to_production(control_
     candidate = await stage_candidate(registry)
 
     rollout = await controller.start(candidate, [10, 50])
-    await wait_until(lambda: watcher.table.routes.get(ROUTE) and
-                     watcher.table.routes[ROUTE].experiment_id == rollout.experiment_id)
+    await wait_until(
+        lambda: (
+            watcher.table.routes.get(ROUTE)
+            and watcher.table.routes[ROUTE].experiment_id == rollout.experiment_id
+        )
+    )
     canary = watcher.table.routes[ROUTE]
     async with open_channel(settings) as channel:
         stub = pb_grpc.RolloutServiceStub(channel)
         meta = auth_metadata(settings)
-        first = await stub.ReportVerdict(verdict(f"{rollout.rollout_id}-s0", pb.DECISION_PROMOTE), metadata=meta)
-        stale = await stub.ReportVerdict(verdict(f"{rollout.rollout_id}-s0", pb.DECISION_PROMOTE), metadata=meta)
-        second = await stub.ReportVerdict(verdict(f"{rollout.rollout_id}-s1", pb.DECISION_PROMOTE), metadata=meta)
+        first = await stub.ReportVerdict(
+            verdict(f"{rollout.rollout_id}-s0", pb.DECISION_PROMOTE), metadata=meta
+        )
+        stale = await stub.ReportVerdict(
+            verdict(f"{rollout.rollout_id}-s0", pb.DECISION_PROMOTE), metadata=meta
+        )
+        second = await stub.ReportVerdict(
+            verdict(f"{rollout.rollout_id}-s1", pb.DECISION_PROMOTE), metadata=meta
+        )
     await wait_until(lambda: watcher.table.version == second.routing_version)
     stop.set()
     await watch
 
     assert [v.weight_buckets for v in canary.variants] == [1000, 9000]
     assert [v.arm for v in canary.variants] == ["treatment", "control"]
-    assert (first.action, stale.action, second.action) == ("advanced", "ignored", "promoted")
+    assert (first.action, stale.action, second.action) == (
+        "advanced",
+        "ignored",
+        "promoted",
+    )
     final = watcher.table.routes[ROUTE]
     assert [v.name for v in final.variants] == [candidate.version_id]
     assert (await registry.production(ROUTE)).version_id == candidate.version_id
@@ -112,8 +136,10 @@ async def test_controller_restart_resumes_the_running_step(control_plane, pg_poo
     schema = await pg_pool.fetchval("SELECT current_schema()")
 
     fresh = RolloutController(Registry(pg_pool), schema=schema)
-    outcome = await fresh.on_verdict(ROUTE, {"experiment_id": rollout.experiment_id,
-                                             "decision": "promote", "reason": "r"})
+    outcome = await fresh.on_verdict(
+        ROUTE,
+        {"experiment_id": rollout.experiment_id, "decision": "promote", "reason": "r"},
+    )
 
     assert outcome.action == "advanced"
     table = await registry.routing_table()
