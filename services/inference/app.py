@@ -327,7 +327,8 @@ def _event(body: dict[str, Any]) -> str:
 
 async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InferenceError)
-    if exc.status_code >= 500:
+    # A 503 while loading is expected; a 500 is a failure worth a traceback.
+    if exc.status_code >= 500 and not exc.retriable:
         logger.error("request failed path=%s", request.url.path, exc_info=exc)
     return JSONResponse(exc.to_body(), status_code=exc.status_code)
 

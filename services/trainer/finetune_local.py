@@ -159,6 +159,8 @@ def train_lora(
     if base is None:
         tokenizer, model = load_base(options.model, device)
     else:
+        if getattr(base[1], "_hf_peft_config_loaded", False):
+            raise ValueError("the base model has adapters loaded; pass a bare one")
         tokenizer, model = base[0], copy.deepcopy(base[1]).to(device)
     rows = [row for row in examples]
     encoded = [
@@ -177,7 +179,9 @@ def train_lora(
         target_modules=list(options.target_modules),
     )
     peft_model = get_peft_model(model, config)
+    loop_started = time.monotonic()
     losses = _train_loop(peft_model, usable, options, _pad_id(tokenizer, model), device)
+    step_s = (time.monotonic() - loop_started) / len(losses)
 
     # 4. Save atomically with the run's metadata beside the weights.
     result = TrainResult(
@@ -191,9 +195,11 @@ def train_lora(
     )
     _save_adapter(peft_model, Path(output_dir), result, options)
     logger.info(
-        "adapter trained output=%s steps=%s first_loss=%.4f last_loss=%.4f seconds=%s",
+        "adapter trained output=%s steps=%s step_seconds=%.2f first_loss=%.4f "
+        "last_loss=%.4f seconds=%s",
         output_dir,
         result.steps,
+        step_s,
         losses[0],
         losses[-1],
         result.seconds,
@@ -269,7 +275,8 @@ def _save_adapter(
         tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent)
     )
     try:
-        model.save_pretrained(staging)
+        # Only the LoRA weights: the embeddings are the base's, unchanged.
+        model.save_pretrained(staging, save_embedding_layers=False)
         metadata = asdict(result) | {
             "options": options.model_dump(mode="json"),
             "created_at": datetime.now(UTC).isoformat(),
