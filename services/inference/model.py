@@ -147,7 +147,10 @@ class _Progress(BaseStreamer, StoppingCriteria):
         return None
 
     def text(self) -> str:
-        return str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        text = self.tokenizer.decode(
+            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return str(text)
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
         done = self.scanner.stopped or bool(self.should_stop and self.should_stop())
