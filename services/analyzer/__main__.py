@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.analyzer.app import run
 from services.analyzer.settings import AnalyzerSettings
+from services.analyzer.worker import run
 from services.common.logs import configure_logging
 
 

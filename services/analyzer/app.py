@@ -17,7 +17,6 @@ partition on a rebalance, and the metrics sum only the partitions this worker ow
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -26,12 +25,11 @@ from typing import Any
 
 import faust
 from faust.types import EventT, StreamT, TopicT
-from mode import Service
 
 from services.analyzer import handlers
 from services.analyzer.errors import InvalidEventError
 from services.analyzer.experiments import ExperimentJudge
-from services.analyzer.metrics import MetricsSnapshot, start_metrics_server
+from services.analyzer.metrics import MetricsSnapshot
 from services.analyzer.settings import AnalyzerSettings
 from services.common.events import Feedback
 from services.common.kafka import Topics
@@ -41,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 Event = EventT[bytes]
 
-SNAPSHOT_TIMEOUT_S = 5.0
+COUNTERS_LOG_INTERVAL_S = 60.0
 
 
 def faust_options(settings: AnalyzerSettings) -> dict[str, Any]:
@@ -66,6 +64,7 @@ def faust_options(settings: AnalyzerSettings) -> dict[str, Any]:
         "broker_request_timeout": kafka.request_timeout_s + 10,
         "consumer_auto_offset_reset": "earliest",
         "producer_acks": -1,
+        "producer_max_batch_size": settings.producer_max_batch_bytes,
     }
     if kafka.sasl_mechanism:
         options["broker_credentials"] = faust.SASLCredentials(
@@ -137,6 +136,28 @@ class Analyzer:
         )
         app.timer(self.settings.experiments.evaluate_interval_s)(
             self.judge.evaluate_owned
+        )
+        app.timer(COUNTERS_LOG_INTERVAL_S)(self._log_counters)
+        app.on_partitions_assigned.connect(self._on_partitions_assigned)
+
+    async def _on_partitions_assigned(
+        self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any
+    ) -> None:
+        logger.info(
+            "partitions assigned topic=%s partitions=%s",
+            self.topics.interactions,
+            sorted(self.owned_partitions(self.topics.interactions)),
+        )
+
+    async def _log_counters(self) -> None:
+        snapshot = await self.snapshot()
+        variants = snapshot.variants.values()
+        logger.info(
+            "counters requests=%d feedback=%d skipped=%d experiments=%d",
+            sum(counts.get("requests", 0) for counts in variants),
+            sum(counts.get("feedback", 0) for counts in variants),
+            sum(snapshot.skipped.values()),
+            len(snapshot.experiments),
         )
 
     # -- intake -------------------------------------------------------------------
@@ -326,71 +347,3 @@ class Analyzer:
             skipped=skipped,
             experiments=self.judge.gauges(),
         )
-
-
-class Sidecar(Service):
-    """What runs beside the faust app: the metrics server and the routing watcher."""
-
-    def __init__(self, analyzer: Analyzer, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._analyzer = analyzer
-        self._stop = asyncio.Event()
-        self._watch_task: asyncio.Task[None] | None = None
-        self._server: Any = None
-        self._last_snapshot = MetricsSnapshot()
-
-    async def on_start(self) -> None:
-        loop = asyncio.get_running_loop()
-        settings = self._analyzer.settings
-
-        def read_snapshot() -> MetricsSnapshot:
-            future = asyncio.run_coroutine_threadsafe(self._analyzer.snapshot(), loop)
-            try:
-                self._last_snapshot = future.result(SNAPSHOT_TIMEOUT_S)
-            except TimeoutError:
-                future.cancel()
-                logger.warning("metrics snapshot timed out, serving the previous one")
-            return self._last_snapshot
-
-        self._server, _ = start_metrics_server(
-            settings.metrics_host, settings.metrics_port, read_snapshot
-        )
-        self._watch_task = asyncio.create_task(
-            self._analyzer.watcher.watch_loop(self._stop)
-        )
-
-    async def on_stop(self) -> None:
-        self._stop.set()
-        if self._watch_task is not None:
-            try:
-                await asyncio.wait_for(self._watch_task, 5.0)
-            except TimeoutError:
-                logger.warning("routing watcher did not stop in 5 s, cancelled")
-        await self._analyzer.judge.close()
-        if self._server is not None:
-            await asyncio.to_thread(self._server.shutdown)
-            self._server.server_close()
-
-
-def run(settings: AnalyzerSettings) -> None:
-    """Run the analyzer as a faust worker until SIGTERM/SIGINT; exits the process."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    analyzer = Analyzer(settings)
-    logger.info(
-        "analyzer starting app_id=%s %s",
-        settings.app_id,
-        settings.model_dump_json(
-            exclude={"control": {"token"}, "kafka": {"sasl_password"}}
-        ),
-    )
-    worker = faust.Worker(
-        analyzer.app,
-        Sidecar(analyzer, loop=loop),
-        loop=loop,
-        loglevel=settings.logging.level,
-        quiet=True,
-        redirect_stdouts=False,
-        override_logging=False,
-    )
-    worker.execute_from_commandline()

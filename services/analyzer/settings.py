@@ -78,5 +78,10 @@ class AnalyzerSettings(ServiceSettings):
     # Where faust keeps its local files (the tables themselves live in memory and are
     # rebuilt from their changelog topics on start).
     data_dir: str = ".data/analyzer"
+    # Upper bound of one produced record batch (changelogs, repartition, results).
+    # NOTE: the embedded Tansu 0.6.0 broker answers ListOffsets(latest) with the last
+    # batch's base offset + 1, so faust's changelog recovery stops before the rest of
+    # a multi-record batch; 1 forces one record per batch, which sidesteps that.
+    producer_max_batch_bytes: int = Field(default=16_384, ge=1)
     broker_session_timeout_s: float = Field(default=10.0, gt=0)
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0)
