@@ -83,7 +83,7 @@ class VerdictReporter:
         """Send one verdict; VerdictDeliveryError when the trainer did not take it."""
         if self._channel is None:
             self._channel = open_channel(self._settings)
-        stub = pb_grpc.RolloutServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated
+        stub = pb_grpc.RolloutServiceStub(self._channel)
         try:
             ack: pb.VerdictAck = await stub.ReportVerdict(
                 verdict,
