@@ -75,6 +75,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         min_rated_per_arm=args.min_rated_per_arm,
         max_rated_per_arm=args.max_rated_per_arm,
         after_decision=args.after_decision,
+        pause_while_training=not args.no_pause,
         max_minutes=args.max_minutes,
         seed=args.seed,
         report_dir=Path(args.report_dir),
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="turn the whole loop once with simulated users"
     )
-    demo.add_argument("--users", type=int, default=40, help="simulated users")
+    demo.add_argument("--users", type=int, default=200, help="simulated users")
     demo.add_argument("--questions", type=int, default=48, help="countries asked about")
     demo.add_argument(
         "--held-out",
@@ -227,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions asked after the decision, to show its effect",
     )
     demo.add_argument("--max-minutes", type=float, default=14.0, help="hard time limit")
+    demo.add_argument(
+        "--no-pause",
+        action="store_true",
+        help="keep users asking while the candidate trains (slower on 2 cores)",
+    )
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument(
         "--report-dir", default="reports", help="where the PNG chart goes"

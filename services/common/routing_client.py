@@ -1,4 +1,4 @@
-"""Follows the trainer's routing table over gRPC, keeping the last table while it is away."""
+"""Follows the trainer's routing table over gRPC, keeping the last one."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import grpc
 from grpc import aio
 
 from services.common.control import auth_metadata, open_channel
+from services.common.lifecycle import sleep_or_stop
 from services.common.pb.flywheel.v1 import control_pb2 as pb
 from services.common.pb.flywheel.v1 import control_pb2_grpc as pb_grpc
 from services.common.routing import RoutingTable
@@ -98,10 +99,8 @@ class RoutingTableWatcher:
                 break
             delay_s = min(backoff_s, self._settings.reconnect_max_backoff_s)
             backoff_s *= 2
-            try:
-                await asyncio.wait_for(stop.wait(), delay_s * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
-            except TimeoutError:
-                pass
+            jitter = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+            await sleep_or_stop(stop, delay_s * jitter)
 
 
 async def _until(

@@ -111,7 +111,7 @@ class ServiceSettings(BaseSettings):
 
     @classmethod
     def load(cls, **overrides: Any) -> Any:
-        """Build the settings from the shared variables, the service's own, then overrides.
+        """Build the settings from shared variables, the service's own, then overrides.
 
         Precedence, lowest first: defaults, `FLYWHEEL_<GROUP>__*`, the service-prefixed
         variables, explicit keyword overrides.

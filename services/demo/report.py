@@ -58,11 +58,12 @@ class DemoReport:
             f"{'accuracy, trained':<22}{'accuracy, held out':<22}"
         )
         for name, stats in sorted(self.versions.items()):
+            held_out = VersionStats.ratio(stats.correct_held_out, stats.asked_held_out)
             out.append(
                 f"{name:<22}{stats.answers:>8}  "
                 f"{VersionStats.ratio(stats.positive, stats.answers):<20}"
                 f"{VersionStats.ratio(stats.correct_trained, stats.asked_trained):<22}"
-                f"{VersionStats.ratio(stats.correct_held_out, stats.asked_held_out):<22}"
+                f"{held_out:<22}"
             )
         out += ["", "Registry:"]
         for row in self.registry:
@@ -87,15 +88,17 @@ class DemoReport:
             )
             verdict = decision.get("verdict")
             if verdict:
+                low, high = verdict.get("lift_low", 0), verdict.get("lift_high", 0)
                 out.append(
-                    f"      lift {verdict.get('lift', 0):+.3f} "
-                    f"[{verdict.get('lift_low', 0):+.3f}, {verdict.get('lift_high', 0):+.3f}]"
-                    f" p={verdict.get('p_value', 1):.4f} srm_p={verdict.get('srm_p_value', 1):.3f}"
+                    f"      lift {verdict.get('lift', 0):+.3f} [{low:+.3f}, {high:+.3f}]"
+                    f" p={verdict.get('p_value', 1):.4f}"
+                    f" srm_p={verdict.get('srm_p_value', 1):.3f}"
                 )
                 for arm in verdict.get("arms", []):
                     out.append(
                         f"      {arm.get('arm', ''):<10} {arm.get('variant', ''):<18} "
-                        f"rated {arm.get('rated', 0):>4} positive {arm.get('positive', 0):>4}"
+                        f"rated {arm.get('rated', 0):>4} "
+                        f"positive {arm.get('positive', 0):>4}"
                     )
         if not self.decisions:
             out.append("  (none)")

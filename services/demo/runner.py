@@ -31,7 +31,7 @@ class DemoOptions:
     """Every knob of the demo; `flywheel demo --help` documents each."""
 
     data_dir: Path = Path(".data")
-    users: int = 40
+    users: int = 200
     questions: int = 48
     held_out: int = 12
     concurrency: int = 2
@@ -44,6 +44,7 @@ class DemoOptions:
     max_rated_per_arm: int = 150
     after_decision: int = 40
     max_minutes: float = 14.0
+    pause_while_training: bool = True
     seed: int = 7
     report_dir: Path = Path("reports")
 
@@ -75,7 +76,8 @@ async def loop_state(pool: asyncpg.Pool, route: str) -> dict[str, Any]:
         route,
     )
     decisions = await pool.fetch(
-        "SELECT d.*, r.candidate FROM rollout_decisions d JOIN rollouts r USING (rollout_id)"
+        "SELECT d.*, r.candidate FROM rollout_decisions d"
+        " JOIN rollouts r USING (rollout_id)"
         " WHERE r.route = $1 ORDER BY decision_id",
         route,
     )
@@ -161,6 +163,11 @@ async def drive(
                 events.append((elapsed, new_phase))
                 _say(f"phase {phase} -> {new_phase}: {routing_summary(state, route)}")
                 phase = new_phase
+                if options.pause_while_training and phase == "training":
+                    _say("users paused while the CPU trains and stages the candidate")
+                    users.resume.clear()
+                else:
+                    users.resume.set()
                 if phase in ("promoted", "rolled_back", "rejected"):
                     decided_at = len(users.traffic.exchanges)
             if time.monotonic() - last_line >= 10:

@@ -51,7 +51,7 @@ class UserBehaviour:
 
     max_words: int = 12
     correction_rate: float = 0.5
-    max_tokens: int = 48
+    max_tokens: int = 32
 
 
 class SimulatedUsers:
@@ -83,6 +83,10 @@ class SimulatedUsers:
         )
         self._started = time.monotonic()
         self.traffic = Traffic()
+        # Cleared while the machine trains: on one small machine users and LoRA
+        # training compete for the same cores.
+        self.resume = asyncio.Event()
+        self.resume.set()
 
     async def close(self) -> None:
         await self._client.close()
@@ -149,6 +153,9 @@ class SimulatedUsers:
 
         async def one_user() -> None:
             while not stop.is_set():
+                if not self.resume.is_set():
+                    await asyncio.sleep(0.5)
+                    continue
                 done = len(self.traffic.exchanges) + self.traffic.errors - start_count
                 if limit is not None and done >= limit:
                     return

@@ -220,7 +220,8 @@ async def build_dataset(
         )
         await connection.executemany(
             "INSERT INTO dataset_rows (dataset_id, row_no, split, prompt, completion,"
-            " source, interaction_id, feedback_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            " source, interaction_id, feedback_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             [
                 (
                     dataset.dataset_id,

@@ -1,4 +1,4 @@
-"""One training cycle (dataset, fine-tune, register, stage, canary) and its scheduler."""
+"""A training cycle (dataset, LoRA, registry, staging, canary) and the scheduler."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from croniter import croniter
 
+from services.common.lifecycle import sleep_or_stop
 from services.trainer import datasets, staging
 from services.trainer.rollout import RolloutController
 from services.trainer.settings import TrainerSettings
@@ -41,7 +42,7 @@ class Pipeline:
         self.last_cycle: dict[str, Any] = {}
 
     async def fine_tune(self, train_file: Path, output_dir: Path) -> dict[str, Any]:
-        """Run the local LoRA backend in a subprocess, so the control plane stays live."""
+        """Run the local LoRA backend in a subprocess; the control plane stays live."""
         options = self._settings.training
         command = [
             sys.executable,
@@ -220,9 +221,9 @@ class Pipeline:
                 if attempts >= self._settings.max_run_attempts:
                     logger.error("training cycle gave up after %d attempts", attempts)
                     attempts = 0
-                await _sleep_or_stop(stop, delay_s)
+                await sleep_or_stop(stop, delay_s)
                 continue
-            await _sleep_or_stop(stop, self._settings.check_interval_s)
+            await sleep_or_stop(stop, self._settings.check_interval_s)
 
     async def _run_locked(self) -> bool:
         key = (self._settings.postgres.db_schema, TRAINING_LOCK)
@@ -239,10 +240,3 @@ class Pipeline:
                     "SELECT pg_advisory_unlock(hashtext($1), $2)", *key
                 )
         return True
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

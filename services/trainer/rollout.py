@@ -1,4 +1,4 @@
-"""The rollout controller: moves a candidate through canary steps, promotes or rolls back.
+"""The rollout controller: canary steps for a candidate, then promote or roll back.
 
 All state lives in PostgreSQL (registry, rollouts, routing-table versions), and every
 change happens in one transaction under an advisory lock, so a controller killed

@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from grpc import aio
 
 from services.common.control import TokenAuthInterceptor, server_credentials
+from services.common.lifecycle import sleep_or_stop
 from services.common.pb.flywheel.v1 import control_pb2 as pb
 from services.common.pb.flywheel.v1 import control_pb2_grpc as pb_grpc
 from services.common.routing import RoutingTable
@@ -47,7 +48,7 @@ class TableBroadcast:
             return self.table
 
 
-class RoutingServicer(pb_grpc.RoutingServiceServicer):  # type: ignore[misc]  # generated
+class RoutingServicer(pb_grpc.RoutingServiceServicer):  # type: ignore[misc]  # untyped
     """Serves the routing table; watchers get every new version as it is written."""
 
     def __init__(self, broadcast: TableBroadcast) -> None:
@@ -68,7 +69,7 @@ class RoutingServicer(pb_grpc.RoutingServiceServicer):  # type: ignore[misc]  # 
             yield table.to_proto()
 
 
-class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # generated
+class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # untyped
     """Takes the analyzer's verdicts and manual promote / roll-back calls."""
 
     def __init__(self, controller: RolloutController) -> None:
@@ -142,13 +143,10 @@ async def follow_database_loop(
     stop: asyncio.Event,
     interval_s: float = 2.0,
 ) -> None:
-    """Pick up routing tables written by other processes (another replica, a migration)."""
+    """Pick up routing tables written by other processes (another replica, say)."""
     while not stop.is_set():
         try:
             await broadcast.publish(await registry.routing_table())
         except (TimeoutError, OSError) as error:
             logger.warning("routing table refresh failed: %r", error)
-        try:
-            await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            pass
+        await sleep_or_stop(stop, interval_s)

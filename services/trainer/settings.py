@@ -1,4 +1,4 @@
-"""The trainer's settings: registry, scheduler, fine-tuning, staging and rollout policy."""
+"""The trainer's settings: registry, scheduler, fine-tuning, staging, rollout."""
 
 from __future__ import annotations
 

@@ -25,7 +25,31 @@ from services.trainer.store import ModelVersion
 logger = logging.getLogger(__name__)
 
 STOPWORDS = frozenset(
-    ["a", "an", "the", "is", "are", "was", "were", "of", "in", "on", "at", "to", "for", "and", "or", "it", "its", "this", "that", "be", "by", "with", "as"]
+    {
+        "a",
+        "an",
+        "the",
+        "is",
+        "are",
+        "was",
+        "were",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "and",
+        "or",
+        "it",
+        "its",
+        "this",
+        "that",
+        "be",
+        "by",
+        "with",
+        "as",
+    }
 )
 
 
@@ -132,9 +156,9 @@ async def evaluate(
     scorer: Scorer | None = None,
     seed: int = 0,
 ) -> StagingResult:
-    """Answer sampled trained and held-out prompts with both models and apply the gate."""
+    """Both models answer sampled trained and held-out prompts; apply the gate."""
     scorer = scorer or ReferenceMatchScorer()
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible sample, not a secret
     trained = list(group_by_prompt(train).values())
     held = list(group_by_prompt(holdout).values())
     trained = rng.sample(trained, min(max_prompts, len(trained)))

@@ -103,7 +103,8 @@ class Registry:
         self, connection: asyncpg.Connection | asyncpg.Pool, version_id: str, state: str
     ) -> None:
         await connection.execute(
-            "UPDATE model_versions SET state = $2, updated_at = now() WHERE version_id = $1",
+            "UPDATE model_versions SET state = $2, updated_at = now()"
+            " WHERE version_id = $1",
             version_id,
             state,
         )
@@ -195,7 +196,8 @@ class Registry:
         routing_version: int | None,
     ) -> None:
         await connection.execute(
-            "INSERT INTO rollout_decisions (rollout_id, action, source, reason, verdict,"
+            "INSERT INTO rollout_decisions"
+            " (rollout_id, action, source, reason, verdict,"
             " routing_version) VALUES ($1, $2, $3, $4, $5, $6)",
             rollout_id,
             action,

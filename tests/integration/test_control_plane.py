@@ -1,4 +1,4 @@
-"""The trainer's control plane against the real PostgreSQL: rollouts and the table watch."""
+"""The trainer's control plane on the real PostgreSQL: rollouts and the table watch."""
 
 from __future__ import annotations
 
