@@ -6,13 +6,17 @@ Tables (in memory, each backed by a changelog topic, rebuilt from it on start):
 - `kpis`: [route, variant, arm, source partition] -> counters.
 - `skipped`: [topic, reason, source partition] -> count of events not counted.
 - `experiment_arms`: experiment_id -> per-arm totals, fed by a repartition topic.
+- `experiment_units`: [experiment_id, arm, unit hash] -> 1, the distinct assignment
+  units (users) of each experiment, bounded per experiment (units.py); members of
+  experiments no longer in the routing table are swept out.
 
 NOTE: faust writes a table change to the changelog partition of the event being
 processed. Every key above therefore lives in exactly one partition: the join keys
 share the partition of their interaction_id (both input topics are keyed by it and
-co-partitioned), counter keys carry their source partition, and experiment keys are
-written only from the repartition topic keyed by experiment_id. A key moves with its
-partition on a rebalance, and the metrics sum only the partitions this worker owns.
+co-partitioned), counter keys carry their source partition, and experiment and unit
+keys are written only from the repartition topic keyed by experiment_id. A key moves
+with its partition on a rebalance, and the metrics sum only the partitions this
+worker owns.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import faust
 from faust.types import EventT, StreamT, TopicT
 
-from services.analyzer import handlers
+from services.analyzer import handlers, units
 from services.analyzer.errors import InvalidEventError
 from services.analyzer.experiments import ExperimentJudge
 from services.analyzer.metrics import MetricsSnapshot
@@ -86,6 +90,7 @@ class Analyzer:
         self.app = faust.App(settings.app_id, **faust_options(settings))
         self.watcher = RoutingTableWatcher(settings.control)
         self._last_expiry_s: dict[int, float] = {}
+        self._last_unit_sweep_s: dict[int, float] = {}
         self._declare_channels()
         self.judge = ExperimentJudge(
             settings, self.watcher, self.experiment_arms, self.experiments_topic
@@ -114,6 +119,7 @@ class Analyzer:
         self.kpis = table("kpis")
         self.skipped = table("skipped")
         self.experiment_arms = table("experiment_arms")
+        self.experiment_units = table("experiment_units")
 
     def _raw_topic(self, name: str) -> TopicT:
         """One of our event topics: bytes in and out, parsed by the handlers."""
@@ -193,13 +199,50 @@ class Analyzer:
             self._count_skipped(topic, "error", event)
 
     async def _observations_agent(self, stream: StreamT[Any]) -> AsyncIterator[None]:
+        capacity = self.settings.experiments.unit_sample_capacity
         async for event in stream.events():
-            observation = event.value
+            observation, partition = event.value, event.message.partition
             key = observation["experiment_id"]
-            self.experiment_arms[key] = handlers.apply_observation(
-                self.experiment_arms.get(key), observation, event.message.partition
+            value = handlers.apply_observation(
+                self.experiment_arms.get(key), observation, partition
             )
+            self.experiment_arms[key] = handlers.count_unit(
+                value, observation, self.experiment_units, capacity
+            )
+            self._maybe_sweep_units(partition)
             yield None
+
+    def _maybe_sweep_units(self, partition: int) -> None:
+        """Drop the unit members of this partition's experiments that have ended.
+
+        Runs inside event processing of the observations partition that wrote them,
+        so that the deletions go to the right changelog partition.
+        """
+        now_s = time.time()
+        last_s = self._last_unit_sweep_s.setdefault(partition, now_s)
+        table = self.watcher.table
+        if now_s - last_s < self.settings.expire_interval_s or table.version == 0:
+            return
+        self._last_unit_sweep_s[partition] = now_s
+        ended = {
+            experiment_id: value
+            for experiment_id, value in list(self.experiment_arms.items())
+            if value is not None
+            and value.get("partition") == partition
+            and not value.get("units_swept")
+            and not handlers.planned_split(table, value["route"], experiment_id)[0]
+        }
+        if not ended:
+            return
+        dropped = units.drop_experiments(self.experiment_units, set(ended))
+        for experiment_id, value in ended.items():
+            self.experiment_arms[experiment_id] = {**value, "units_swept": True}
+        logger.info(
+            "unit samples dropped partition=%d experiments=%d units=%d",
+            partition,
+            len(ended),
+            dropped,
+        )
 
     async def _on_interaction(self, event: Event) -> None:
         partition = event.message.partition

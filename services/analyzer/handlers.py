@@ -8,11 +8,12 @@ assignment.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from services.analyzer import units
 from services.analyzer.errors import InvalidEventError
 from services.analyzer.stats import ArmTotals
 from services.common.events import (
@@ -51,6 +52,8 @@ ARM_FIELDS = (
     "latency_square_sum_s2",
     "rated",
     "positive",
+    # Distinct assignment units in the experiment's unit sample (see units.py).
+    "units_sampled",
 )
 
 
@@ -199,6 +202,8 @@ def request_observation(interaction: Interaction) -> dict[str, Any]:
         "kind": "request",
         "error": interaction.error is not None,
         "latency_s": interaction.latency_s,
+        # The hash of the assignment unit (user, else session, else this request).
+        "unit": units.unit_hash(units.unit_of(interaction)),
     }
 
 
@@ -232,7 +237,57 @@ def apply_observation(
         arm["rated"] += 1
         arm["positive"] += 1 if observation["positive"] else 0
     arms[observation["arm"]] = arm
-    return {"route": observation["route"], "partition": partition, "arms": arms}
+    return {
+        **(current or {}),
+        "route": observation["route"],
+        "partition": partition,
+        "arms": arms,
+    }
+
+
+def unit_counts(value: Mapping[str, Any]) -> units.UnitCounts:
+    """The sampled distinct units per arm of an `experiment_arms` table value."""
+    sampled = {
+        arm: int(fields.get("units_sampled", 0))
+        for arm, fields in value.get("arms", {}).items()
+    }
+    return units.UnitCounts(int(value.get("unit_level", 0)), sampled)
+
+
+def with_unit_counts(
+    value: Mapping[str, Any], counts: units.UnitCounts
+) -> dict[str, Any]:
+    """A new table value carrying `counts` (arms not in it count zero units)."""
+    arms = {
+        arm: {**fields, "units_sampled": counts.sampled.get(arm, 0)}
+        for arm, fields in value.get("arms", {}).items()
+    }
+    # A unit arriving after its ended experiment was swept makes it sweepable again.
+    return {**value, "arms": arms, "unit_level": counts.level, "units_swept": False}
+
+
+def count_unit(
+    value: dict[str, Any],
+    observation: Mapping[str, Any],
+    members: MutableMapping[str, Any],
+    capacity: int,
+) -> dict[str, Any]:
+    """The table value after counting a request observation's unit (if it has one).
+
+    Observations from before units were carried have none; they count no unit.
+    """
+    if observation["kind"] != "request" or not observation.get("unit"):
+        return value
+    before = unit_counts(value)
+    after = units.add_unit(
+        members,
+        before,
+        observation["experiment_id"],
+        observation["arm"],
+        observation["unit"],
+        capacity,
+    )
+    return value if after == before else with_unit_counts(value, after)
 
 
 def arm_totals(value: Mapping[str, Any], arm: str) -> ArmTotals:
@@ -250,6 +305,8 @@ def arm_totals(value: Mapping[str, Any], arm: str) -> ArmTotals:
         latency_square_sum_s2=float(fields["latency_square_sum_s2"]),
         rated=int(fields["rated"]),
         positive=int(fields["positive"]),
+        units=int(fields.get("units_sampled", 0)) << int(value.get("unit_level", 0)),
+        units_sampled=int(fields.get("units_sampled", 0)),
     )
 
 

@@ -23,8 +23,17 @@ PROTO_DECISIONS = {
 }
 
 
+# ArmStatistics has no unit fields: the verdict carries only what the proto knows.
+ARM_STATISTICS_FIELDS = frozenset(pb.ArmStatistics.DESCRIPTOR.fields_by_name)
+
+
 def arm_summary(arm: ArmTotals) -> dict[str, object]:
-    """One arm's numbers, as the ExperimentResult event carries them."""
+    """One arm's numbers, as the ExperimentResult event carries them.
+
+    `units` is the estimated count of distinct assignment units (users, else
+    sessions, else requests), exact while it equals `units_sampled`; the
+    sample-ratio check tests `units_sampled`.
+    """
     return {
         "arm": arm.arm,
         "variant": arm.variant,
@@ -33,6 +42,8 @@ def arm_summary(arm: ArmTotals) -> dict[str, object]:
         "rated": arm.rated,
         "positive": arm.positive,
         "mean_latency_s": arm.mean_latency_s,
+        "units": arm.units,
+        "units_sampled": arm.units_sampled,
     }
 
 
@@ -61,7 +72,12 @@ def to_verdict(result: ExperimentResult) -> pb.ExperimentVerdict:
         route=result.route,
         decision=PROTO_DECISIONS[Decision(result.decision)],
         reason=result.reason,
-        arms=[pb.ArmStatistics(**arm) for arm in result.arms],
+        arms=[
+            pb.ArmStatistics(
+                **{k: v for k, v in arm.items() if k in ARM_STATISTICS_FIELDS}
+            )
+            for arm in result.arms
+        ],
         lift=result.lift,
         lift_low=result.lift_low,
         lift_high=result.lift_high,

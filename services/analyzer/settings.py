@@ -29,6 +29,10 @@ class ExperimentSettings(BaseModel):
     error_mixing_variance: float = Field(default=0.0025, gt=0)
     latency_margin_ratio: float = Field(default=0.25, gt=0)
     srm_alpha: float = Field(default=0.001, gt=0, lt=1)
+    # Distinct assignment units kept per experiment for the sample-ratio check: exact
+    # up to this many, a uniform hash sample of about half to all of it beyond
+    # (services/analyzer/units.py). About 150 bytes of worker memory each.
+    unit_sample_capacity: int = Field(default=50_000, ge=2)
 
     @model_validator(mode="after")
     def _check_caps(self) -> ExperimentSettings:

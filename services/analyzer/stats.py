@@ -131,9 +131,12 @@ def chi_square_survival(statistic: float, degrees: int) -> float:
 def sample_ratio_p_value(
     observed: Mapping[str, int], planned: Mapping[str, float]
 ) -> float:
-    """Chi-square p-value of the requests per arm against the planned split.
+    """Chi-square p-value of the units per arm against the planned split.
 
-    An arm that receives traffic but has no planned share is a mismatch (p = 0).
+    `observed` must count independently assigned units: distinct users (or a uniform
+    hash sample of them, see units.py), never requests, whose split of a few heavy
+    users strays far beyond what the chi-square allows. An arm that receives traffic
+    but has no planned share is a mismatch (p = 0).
     """
     total = sum(observed.values())
     weight_total = sum(weight for weight in planned.values() if weight > 0)
@@ -165,6 +168,10 @@ class ArmTotals:
     latency_square_sum_s2: float = 0.0
     rated: int = 0
     positive: int = 0
+    # Distinct assignment units (estimated; exact below the sample capacity), and
+    # how many of them are in the experiment's uniform unit sample (what SRM tests).
+    units: int = 0
+    units_sampled: int = 0
 
     @property
     def positive_rate(self) -> float:
@@ -294,9 +301,20 @@ def evaluate(
 
     `planned` is the split the routing table intends (arm -> weight); None when it is
     not known yet, in which case the experiment is never promoted.
+
+    The sample-ratio check compares the sampled distinct units per arm (not requests:
+    the gateway assigns per user) with `planned`. A mismatch means the assignment or
+    the logging is broken, so the lift cannot be trusted in either direction for a
+    promotion: the experiment is held (never promoted) and, once it reaches
+    `max_rated_per_arm`, rolled back like any other experiment without a usable
+    result. Guardrail breaches and a significantly worse treatment still roll back
+    at once, since rolling back is the safe side even on suspect data.
     """
     lift = estimate_lift(control, treatment, policy)
-    observed = {control.arm: control.requests, treatment.arm: treatment.requests}
+    observed = {
+        control.arm: control.units_sampled,
+        treatment.arm: treatment.units_sampled,
+    }
     srm_p_value = 1.0 if planned is None else sample_ratio_p_value(observed, planned)
 
     def verdict(decision: Decision, reason: str) -> Evaluation:
@@ -314,18 +332,23 @@ def evaluate(
         )
     if lift.below(0.0):
         return verdict(Decision.ROLL_BACK, f"mSPRT p={lift.p_value:.4f}, {summary}")
+    at_cap = rated >= policy.max_rated_per_arm
     if srm_p_value < policy.srm_alpha:
-        return verdict(
-            Decision.CONTINUE,
-            f"sample ratio mismatch p={srm_p_value:.2g}: not promoting, {summary}",
-        )
+        mismatch = f"sample ratio mismatch p={srm_p_value:.2g}"
+        if at_cap:
+            return verdict(
+                Decision.ROLL_BACK,
+                f"futility: {rated} rated per arm, {mismatch}: not promoting, "
+                f"{summary}",
+            )
+        return verdict(Decision.CONTINUE, f"{mismatch}: not promoting, {summary}")
     if lift.above(0.0):
         if planned is None:
             return verdict(
                 Decision.CONTINUE, f"planned split unknown: not promoting, {summary}"
             )
         return verdict(Decision.PROMOTE, f"mSPRT p={lift.p_value:.4f}, {summary}")
-    if rated >= policy.max_rated_per_arm:
+    if at_cap:
         return verdict(
             Decision.ROLL_BACK,
             f"futility: {rated} rated per arm without significance, {summary}",

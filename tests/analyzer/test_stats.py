@@ -138,6 +138,8 @@ def arms(
         latency_square_sum_s2=requests * 1.01,
         rated=control_rated,
         positive=control_positive,
+        units=requests,
+        units_sampled=requests,
     )
     treatment_fields = {
         "arm": "treatment",
@@ -147,6 +149,8 @@ def arms(
         "latency_square_sum_s2": requests * 1.01,
         "rated": treatment_rated,
         "positive": treatment_positive,
+        "units": requests,
+        "units_sampled": requests,
         **treatment_overrides,
     }
     return control, ArmTotals(**treatment_fields)  # type: ignore[arg-type]
@@ -214,7 +218,7 @@ def test_latency_guardrail_rolls_back_a_much_slower_treatment() -> None:
 
 
 def test_sample_ratio_mismatch_blocks_a_promotion() -> None:
-    control, treatment = arms(200, 80, 200, 130, requests=300)
+    control, treatment = arms(200, 80, 200, 130, units_sampled=300)
 
     result = stats.evaluate(control, treatment, PLANNED, POLICY)
 
@@ -230,3 +234,23 @@ def test_unknown_planned_split_blocks_a_promotion() -> None:
 
     assert result.decision is Decision.CONTINUE
     assert math.isclose(result.srm_p_value, 1.0)
+
+
+def test_sample_ratio_mismatch_at_the_rating_cap_rolls_back() -> None:
+    control, treatment = arms(400, 160, 400, 260, units_sampled=300)
+
+    result = stats.evaluate(control, treatment, PLANNED, POLICY)
+
+    assert result.srm_p_value < POLICY.srm_alpha
+    assert result.decision is Decision.ROLL_BACK
+    assert "futility" in result.reason
+    assert "sample ratio mismatch" in result.reason
+
+
+def test_a_skewed_request_split_alone_is_no_mismatch() -> None:
+    control, treatment = arms(200, 80, 200, 130, requests=1_000)
+
+    result = stats.evaluate(control, treatment, PLANNED, POLICY)
+
+    assert result.srm_p_value == pytest.approx(1.0)
+    assert result.decision is Decision.PROMOTE

@@ -428,6 +428,13 @@ async def test_clear_lift_is_reported_to_the_trainer_as_promote(
     result = await _first_result(kafka_settings, topics.experiments)
     assert result.experiment_id == "exp-1"
     assert result.route == "capitals"
+    # Every interaction came from its own user: units equal requests, counted exactly.
+    assert [arm["units"] for arm in result.arms] == [
+        arm["requests"] for arm in result.arms
+    ]
+    assert [arm["units_sampled"] for arm in result.arms] == [
+        arm["units"] for arm in result.arms
+    ]
 
 
 async def _first_result(settings: KafkaSettings, topic: str) -> ExperimentResult:
