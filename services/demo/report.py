@@ -97,6 +97,7 @@ class DemoReport:
                 for arm in verdict.get("arms", []):
                     out.append(
                         f"      {arm.get('arm', ''):<10} {arm.get('variant', ''):<18} "
+                        f"users {arm.get('units', 0):>4} "
                         f"rated {arm.get('rated', 0):>4} "
                         f"positive {arm.get('positive', 0):>4}"
                     )

@@ -56,13 +56,13 @@ async def test_the_loop_turns_once(tmp_path):
 
     options = DemoOptions(
         data_dir=tmp_path,
-        users=10,
+        users=100,
         questions=12,
         held_out=3,
         concurrency=2,
         min_new_rated=24,
         epochs=4,
-        max_steps=12,
+        max_steps=8,
         learning_rate=2e-3,
         rollout_steps=[50],
         min_rated_per_arm=6,

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/control.proto\x12\x0b\x66lywheel.v1\"\x85\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0eweight_buckets\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\"T\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08variants\x18\x02 \x03(\x0b\x32\x14.flywheel.v1.Variant\x12\x15\n\rexperiment_id\x18\x03 \x01(\t\"C\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\"\n\x06routes\x18\x02 \x03(\x0b\x32\x12.flywheel.v1.Route\"1\n\x18WatchRoutingTableRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"\x18\n\x16GetRoutingTableRequest\"\x88\x01\n\rArmStatistics\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\r\n\x05rated\x18\x05 \x01(\x04\x12\x10\n\x08positive\x18\x06 \x01(\x04\x12\x16\n\x0emean_latency_s\x18\x07 \x01(\x01\"\x8a\x02\n\x11\x45xperimentVerdict\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x15.flywheel.v1.Decision\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04\x61rms\x18\x05 \x03(\x0b\x32\x1a.flywheel.v1.ArmStatistics\x12\x0c\n\x04lift\x18\x06 \x01(\x01\x12\x10\n\x08lift_low\x18\x07 \x01(\x01\x12\x11\n\tlift_high\x18\x08 \x01(\x01\x12\x0f\n\x07p_value\x18\t \x01(\x01\x12\x13\n\x0bsrm_p_value\x18\n \x01(\x01\x12\x13\n\x0b\x63omputed_at\x18\x0b \x01(\x01\"5\n\nVerdictAck\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\"4\n\x13ManualActionRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*i\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_CONTINUE\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_PROMOTE\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_ROLL_BACK\x10\x03\x32\xbc\x01\n\x0eRoutingService\x12Q\n\x0fGetRoutingTable\x12#.flywheel.v1.GetRoutingTableRequest\x1a\x19.flywheel.v1.RoutingTable\x12W\n\x11WatchRoutingTable\x12%.flywheel.v1.WatchRoutingTableRequest\x1a\x19.flywheel.v1.RoutingTable0\x01\x32\xe7\x01\n\x0eRolloutService\x12H\n\rReportVerdict\x12\x1e.flywheel.v1.ExperimentVerdict\x1a\x17.flywheel.v1.VerdictAck\x12\x44\n\x07Promote\x12 .flywheel.v1.ManualActionRequest\x1a\x17.flywheel.v1.VerdictAck\x12\x45\n\x08RollBack\x12 .flywheel.v1.ManualActionRequest\x1a\x17.flywheel.v1.VerdictAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66lywheel/v1/control.proto\x12\x0b\x66lywheel.v1\"\x85\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x16\n\x0eweight_buckets\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0b\n\x03\x61rm\x18\x07 \x01(\t\"T\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08variants\x18\x02 \x03(\x0b\x32\x14.flywheel.v1.Variant\x12\x15\n\rexperiment_id\x18\x03 \x01(\t\"C\n\x0cRoutingTable\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\"\n\x06routes\x18\x02 \x03(\x0b\x32\x12.flywheel.v1.Route\"1\n\x18WatchRoutingTableRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"\x18\n\x16GetRoutingTableRequest\"\xae\x01\n\rArmStatistics\x12\x0b\n\x03\x61rm\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x10\n\x08requests\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\r\n\x05rated\x18\x05 \x01(\x04\x12\x10\n\x08positive\x18\x06 \x01(\x04\x12\x16\n\x0emean_latency_s\x18\x07 \x01(\x01\x12\r\n\x05units\x18\x08 \x01(\x04\x12\x15\n\runits_sampled\x18\t \x01(\x04\"\x8a\x02\n\x11\x45xperimentVerdict\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x15.flywheel.v1.Decision\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04\x61rms\x18\x05 \x03(\x0b\x32\x1a.flywheel.v1.ArmStatistics\x12\x0c\n\x04lift\x18\x06 \x01(\x01\x12\x10\n\x08lift_low\x18\x07 \x01(\x01\x12\x11\n\tlift_high\x18\x08 \x01(\x01\x12\x0f\n\x07p_value\x18\t \x01(\x01\x12\x13\n\x0bsrm_p_value\x18\n \x01(\x01\x12\x13\n\x0b\x63omputed_at\x18\x0b \x01(\x01\"5\n\nVerdictAck\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x17\n\x0frouting_version\x18\x02 \x01(\x04\"4\n\x13ManualActionRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*i\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x45\x43ISION_CONTINUE\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_PROMOTE\x10\x02\x12\x16\n\x12\x44\x45\x43ISION_ROLL_BACK\x10\x03\x32\xbc\x01\n\x0eRoutingService\x12Q\n\x0fGetRoutingTable\x12#.flywheel.v1.GetRoutingTableRequest\x1a\x19.flywheel.v1.RoutingTable\x12W\n\x11WatchRoutingTable\x12%.flywheel.v1.WatchRoutingTableRequest\x1a\x19.flywheel.v1.RoutingTable0\x01\x32\xe7\x01\n\x0eRolloutService\x12H\n\rReportVerdict\x12\x1e.flywheel.v1.ExperimentVerdict\x1a\x17.flywheel.v1.VerdictAck\x12\x44\n\x07Promote\x12 .flywheel.v1.ManualActionRequest\x1a\x17.flywheel.v1.VerdictAck\x12\x45\n\x08RollBack\x12 .flywheel.v1.ManualActionRequest\x1a\x17.flywheel.v1.VerdictAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=927
-  _globals['_DECISION']._serialized_end=1032
+  _globals['_DECISION']._serialized_start=965
+  _globals['_DECISION']._serialized_end=1070
   _globals['_VARIANT']._serialized_start=43
   _globals['_VARIANT']._serialized_end=176
   _globals['_ROUTE']._serialized_start=178
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUTINGTABLEREQUEST']._serialized_start=384
   _globals['_GETROUTINGTABLEREQUEST']._serialized_end=408
   _globals['_ARMSTATISTICS']._serialized_start=411
-  _globals['_ARMSTATISTICS']._serialized_end=547
-  _globals['_EXPERIMENTVERDICT']._serialized_start=550
-  _globals['_EXPERIMENTVERDICT']._serialized_end=816
-  _globals['_VERDICTACK']._serialized_start=818
-  _globals['_VERDICTACK']._serialized_end=871
-  _globals['_MANUALACTIONREQUEST']._serialized_start=873
-  _globals['_MANUALACTIONREQUEST']._serialized_end=925
-  _globals['_ROUTINGSERVICE']._serialized_start=1035
-  _globals['_ROUTINGSERVICE']._serialized_end=1223
-  _globals['_ROLLOUTSERVICE']._serialized_start=1226
-  _globals['_ROLLOUTSERVICE']._serialized_end=1457
+  _globals['_ARMSTATISTICS']._serialized_end=585
+  _globals['_EXPERIMENTVERDICT']._serialized_start=588
+  _globals['_EXPERIMENTVERDICT']._serialized_end=854
+  _globals['_VERDICTACK']._serialized_start=856
+  _globals['_VERDICTACK']._serialized_end=909
+  _globals['_MANUALACTIONREQUEST']._serialized_start=911
+  _globals['_MANUALACTIONREQUEST']._serialized_end=963
+  _globals['_ROUTINGSERVICE']._serialized_start=1073
+  _globals['_ROUTINGSERVICE']._serialized_end=1261
+  _globals['_ROLLOUTSERVICE']._serialized_start=1264
+  _globals['_ROLLOUTSERVICE']._serialized_end=1495
 # @@protoc_insertion_point(module_scope)

@@ -65,7 +65,7 @@ class GetRoutingTableRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ArmStatistics(_message.Message):
-    __slots__ = ("arm", "variant", "requests", "errors", "rated", "positive", "mean_latency_s")
+    __slots__ = ("arm", "variant", "requests", "errors", "rated", "positive", "mean_latency_s", "units", "units_sampled")
     ARM_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,8 @@ class ArmStatistics(_message.Message):
     RATED_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     MEAN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     arm: str
     variant: str
     requests: int
@@ -80,7 +82,9 @@ class ArmStatistics(_message.Message):
     rated: int
     positive: int
     mean_latency_s: float
-    def __init__(self, arm: _Optional[str] = ..., variant: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., rated: _Optional[int] = ..., positive: _Optional[int] = ..., mean_latency_s: _Optional[float] = ...) -> None: ...
+    units: int
+    units_sampled: int
+    def __init__(self, arm: _Optional[str] = ..., variant: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., rated: _Optional[int] = ..., positive: _Optional[int] = ..., mean_latency_s: _Optional[float] = ..., units: _Optional[int] = ..., units_sampled: _Optional[int] = ...) -> None: ...
 
 class ExperimentVerdict(_message.Message):
     __slots__ = ("experiment_id", "route", "decision", "reason", "arms", "lift", "lift_low", "lift_high", "p_value", "srm_p_value", "computed_at")
