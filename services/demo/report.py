@@ -90,7 +90,8 @@ class DemoReport:
             if verdict:
                 low, high = verdict.get("lift_low", 0), verdict.get("lift_high", 0)
                 out.append(
-                    f"      lift {verdict.get('lift', 0):+.3f} [{low:+.3f}, {high:+.3f}]"
+                    f"      lift {verdict.get('lift', 0):+.3f}"
+                    f" [{low:+.3f}, {high:+.3f}]"
                     f" p={verdict.get('p_value', 1):.4f}"
                     f" srm_p={verdict.get('srm_p_value', 1):.3f}"
                 )
@@ -112,7 +113,7 @@ class DemoReport:
         ]
         return out
 
-    def chart(self, path: Path, bin_s: float = 30.0) -> Path:
+    def chart(self, path: Path, bin_s: float = 30.0, min_answers: int = 6) -> Path:
         """Positive-feedback rate and accuracy per version over time, as a PNG."""
         import matplotlib
 
@@ -123,31 +124,37 @@ class DemoReport:
         bins: dict[tuple[str, int], VersionStats] = defaultdict(VersionStats)
         for at_s, version, exchange in self.timeline:
             bins[(version, int(at_s // bin_s))].add(exchange)
-        for version in sorted(self.versions):
-            keys = sorted(k for k in bins if k[0] == version)
-            xs = [(k[1] + 0.5) * bin_s / 60 for k in keys]
-            stats = [bins[k] for k in keys]
+        last_bin = max((k[1] for k in bins), default=0)
+        for index, version in enumerate(sorted(self.versions)):
+            color = f"C{index}"
+            # One point per bin with enough answers; NaN elsewhere breaks the line,
+            # so a pause (or a version not yet serving) shows as a gap, not a dip.
+            series = [bins.get((version, b)) for b in range(last_bin + 1)]
+            xs = [(b + 0.5) * bin_s / 60 for b in range(last_bin + 1)]
             top.plot(
-                xs, [s.positive / s.answers for s in stats], marker="o", label=version
+                xs,
+                [
+                    _rate(st.positive, st.answers, min_answers)
+                    for st in map(_or_empty, series)
+                ],
+                marker="o",
+                color=color,
+                label=version,
             )
             for held_out, style in ((False, "-"), (True, "--")):
-                points = [
-                    (
-                        x,
-                        (s.correct_held_out / s.asked_held_out)
+                bottom.plot(
+                    xs,
+                    [
+                        _rate(st.correct_held_out, st.asked_held_out, min_answers // 2)
                         if held_out
-                        else (s.correct_trained / s.asked_trained),
-                    )
-                    for x, s in zip(xs, stats, strict=True)
-                    if (s.asked_held_out if held_out else s.asked_trained)
-                ]
-                if points:
-                    bottom.plot(
-                        *zip(*points, strict=True),
-                        style,
-                        marker=".",
-                        label=f"{version} ({'held out' if held_out else 'trained'})",
-                    )
+                        else _rate(st.correct_trained, st.asked_trained, min_answers)
+                        for st in map(_or_empty, series)
+                    ],
+                    style,
+                    marker=".",
+                    color=color,
+                    label=f"{version} ({'held out' if held_out else 'trained'})",
+                )
         for axis in (top, bottom):
             for at_s, label in self.events:
                 axis.axvline(at_s / 60, color="grey", linestyle=":")
@@ -167,3 +174,12 @@ class DemoReport:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return path
+
+
+def _rate(part: int, whole: int, min_whole: int) -> float:
+    """part / whole, or NaN when `whole` is too small to plot."""
+    return part / whole if whole >= max(1, min_whole) else float("nan")
+
+
+def _or_empty(stats: VersionStats | None) -> VersionStats:
+    return stats if stats is not None else VersionStats()
