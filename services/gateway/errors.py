@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.openai_errors import error_body
+
 
 class GatewayError(Exception):
     """Base of every error the gateway answers a client with."""
@@ -21,14 +23,9 @@ class GatewayError(Exception):
 
     def to_body(self) -> dict[str, Any]:
         """The JSON body OpenAI's API answers errors with."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(
+            self.message, error_type=self.error_type, param=self.param, code=self.code
+        )
 
 
 class InvalidRequestError(GatewayError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.openai_errors import error_body
+
 
 class InferenceError(Exception):
     """Base of the inference server's errors; carries the OpenAI error fields."""
@@ -22,14 +24,9 @@ class InferenceError(Exception):
 
     def to_body(self) -> dict[str, Any]:
         """The body OpenAI clients expect: `{"error": {message, type, param, code}}`."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(
+            self.message, error_type=self.error_type, param=self.param, code=self.code
+        )
 
 
 class InvalidRequestError(InferenceError):
