@@ -232,13 +232,18 @@ async def build_report(
     return report
 
 
-async def wait_stored(pool: asyncpg.Pool, expected: int, timeout_s: float = 60) -> int:
-    """Wait until the collector stored `expected` interactions (or time runs out)."""
+async def wait_stored(
+    pool: asyncpg.Pool, interactions: int, feedback: int, timeout_s: float = 60
+) -> None:
+    """Wait until the collector stored what the users sent (or time runs out)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        stored = int(await pool.fetchval("SELECT count(*) FROM interactions"))
-        if stored >= expected or time.monotonic() > deadline:
-            return stored
+    while time.monotonic() < deadline:
+        stored = await pool.fetchrow(
+            "SELECT (SELECT count(*) FROM interactions) AS interactions,"
+            " (SELECT count(*) FROM feedback) AS feedback"
+        )
+        if stored["interactions"] >= interactions and stored["feedback"] >= feedback:
+            return
         await asyncio.sleep(0.5)
 
 
@@ -280,7 +285,10 @@ async def run_demo(
         try:
             phase, users, events = await drive(stack, options, pool)
             _say("traffic stopped; waiting for the collector to store the last events")
-            await wait_stored(pool, len(users.traffic.exchanges) + users.traffic.errors)
+            traffic = users.traffic
+            await wait_stored(
+                pool, len(traffic.exchanges) + traffic.errors, traffic.feedback_sent
+            )
             report = await build_report(
                 stack, pool, users, events, time.monotonic() - started
             )

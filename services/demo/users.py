@@ -40,6 +40,7 @@ class Traffic:
     exchanges: list[Exchange] = field(default_factory=list)
     errors: int = 0
     feedback_sent: int = 0
+    feedback_errors: int = 0
 
     def rated(self) -> int:
         return len(self.exchanges)
@@ -129,9 +130,13 @@ class SimulatedUsers:
                     "user": user,
                 }
             )
-        reply = await self._http.post("/feedback", json={"feedback": feedback})
-        reply.raise_for_status()
-        self.traffic.feedback_sent += len(feedback)
+        try:
+            reply = await self._http.post("/feedback", json={"feedback": feedback})
+            reply.raise_for_status()
+        except httpx.HTTPError:
+            self.traffic.feedback_errors += 1
+        else:
+            self.traffic.feedback_sent += len(feedback)
         self.traffic.exchanges.append(
             Exchange(
                 at_s=time.monotonic() - self._started,

@@ -19,6 +19,7 @@ async def test_the_loop_turns_once(tmp_path):
         traffic = users.traffic
         seen["asked"] = len(traffic.exchanges)
         seen["errors"] = traffic.errors
+        seen["feedback_errors"] = traffic.feedback_errors
         seen["feedback_sent"] = traffic.feedback_sent
         seen["positive"] = sum(e.positive for e in traffic.exchanges)
         seen["interactions"] = await pool.fetchval("SELECT count(*) FROM interactions")
@@ -79,7 +80,7 @@ async def test_the_loop_turns_once(tmp_path):
     result = await run_demo(options, extra_env=extra, inspect=inspect)
 
     # Every event arrived exactly once.
-    assert seen["errors"] == 0
+    assert seen["errors"] == seen["feedback_errors"] == 0
     assert seen["interactions"] == seen["distinct_interactions"] == seen["asked"]
     assert seen["feedback"] == seen["feedback_sent"]
     # The analyzer's metrics moved with the traffic.
