@@ -8,8 +8,16 @@ from services.demo.users import Exchange
 
 def exchange(at_s: float, correct: bool, held_out: bool) -> Exchange:
     question = Question("Peru", "Lima", held_out)
-    return Exchange(at_s, "id", "user-1", question, "Lima" if correct else "Cusco",
-                    correct, correct, False)
+    return Exchange(
+        at_s,
+        "id",
+        "user-1",
+        question,
+        "Lima" if correct else "Cusco",
+        correct,
+        correct,
+        False,
+    )
 
 
 def test_report_counts_each_version_and_draws_a_chart(tmp_path):
@@ -22,9 +30,15 @@ def test_report_counts_each_version_and_draws_a_chart(tmp_path):
         item = exchange(at_s, correct, held_out=n % 4 == 0)
         report.versions.setdefault(version, VersionStats()).add(item)
         report.timeline.append((at_s, version, item))
-    report.decisions = [{"created_at": datetime(2026, 1, 1), "action": "promoted",
-                         "source": "analyzer", "reason": "mSPRT",
-                         "verdict": {"lift": 0.4, "arms": [{"arm": "control"}]}}]
+    report.decisions = [
+        {
+            "created_at": datetime(2026, 1, 1),
+            "action": "promoted",
+            "source": "analyzer",
+            "reason": "mSPRT",
+            "verdict": {"lift": 0.4, "arms": [{"arm": "control"}]},
+        }
+    ]
 
     path = report.chart(tmp_path / "chart.png")
     text = "\n".join(report.lines())
