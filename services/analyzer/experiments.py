@@ -9,7 +9,7 @@ from faust.types import TopicT
 
 from services.analyzer import handlers, stats
 from services.analyzer.errors import VerdictDeliveryError
-from services.analyzer.metrics import ExperimentGauges
+from services.analyzer.metrics import ArmGauges, ExperimentGauges
 from services.analyzer.publisher import VerdictReporter, to_result, to_verdict
 from services.analyzer.settings import AnalyzerSettings
 from services.common.events import encode
@@ -85,6 +85,10 @@ class ExperimentJudge:
             lift_high=result.lift_high,
             p_value=result.p_value,
             srm_p_value=result.srm_p_value,
+            arms=tuple(
+                ArmGauges(arm.arm, arm.requests, arm.rated, arm.units)
+                for arm in (control, treatment)
+            ),
         )
         logger.info(
             "experiment evaluated experiment=%s route=%s decision=%s reason=%s",

@@ -31,6 +31,17 @@ EXPERIMENT_LABELS = ["route", "experiment"]
 
 
 @dataclass(frozen=True)
+class ArmGauges:
+    """One arm's sample sizes in the latest evaluation of its experiment."""
+
+    arm: str
+    requests: int
+    rated: int
+    # Estimated distinct assignment units (users), exact below the sample capacity.
+    units: int
+
+
+@dataclass(frozen=True)
 class ExperimentGauges:
     """The latest evaluation of one experiment, as the metrics show it."""
 
@@ -42,6 +53,7 @@ class ExperimentGauges:
     lift_high: float
     p_value: float
     srm_p_value: float
+    arms: tuple[ArmGauges, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,30 @@ def _experiment_families(experiments: tuple[ExperimentGauges, ...]) -> Iterator[
                 1.0 if choice is gauges.decision else 0.0,
             )
     yield decision
+    yield from _arm_families(experiments)
+
+
+_ARM_GAUGES = (
+    ("requests", "Requests served by the arm in this experiment."),
+    ("rated", "Rated interactions of the arm (one rating each) in this experiment."),
+    ("units", "Distinct assignment units (users) of the arm, estimated."),
+)
+
+
+def _arm_families(experiments: tuple[ExperimentGauges, ...]) -> Iterator[Metric]:
+    for attribute, documentation in _ARM_GAUGES:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_experiment_arm_{attribute}",
+            documentation,
+            labels=[*EXPERIMENT_LABELS, "arm"],
+        )
+        for gauges in experiments:
+            for arm in gauges.arms:
+                family.add_metric(
+                    [gauges.route, gauges.experiment_id, arm.arm],
+                    getattr(arm, attribute),
+                )
+        yield family
 
 
 def start_metrics_server(

@@ -7,6 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.analyzer.metrics import (
     AnalyzerCollector,
+    ArmGauges,
     ExperimentGauges,
     MetricsSnapshot,
 )
@@ -88,6 +89,10 @@ def test_experiment_gauges_mark_the_current_decision() -> None:
         lift_high=0.35,
         p_value=0.01,
         srm_p_value=0.6,
+        arms=(
+            ArmGauges("control", requests=50, rated=30, units=20),
+            ArmGauges("treatment", requests=48, rated=31, units=19),
+        ),
     )
 
     samples = scrape(MetricsSnapshot(experiments=(gauges,)))
@@ -105,3 +110,7 @@ def test_experiment_gauges_mark_the_current_decision() -> None:
         for decision in Decision
     }
     assert decisions == {"continue": 0.0, "promote": 1.0, "roll_back": 0.0}
+    treatment = {**labels, "arm": "treatment"}
+    assert samples[key("flywheel_analyzer_experiment_arm_requests", **treatment)] == 48
+    assert samples[key("flywheel_analyzer_experiment_arm_rated", **treatment)] == 31
+    assert samples[key("flywheel_analyzer_experiment_arm_units", **treatment)] == 19
