@@ -122,7 +122,14 @@ async def start_control_server(
 ) -> aio.Server:
     """Start the authenticated gRPC server; the caller stops it."""
     server = aio.server(
-        interceptors=[TokenAuthInterceptor(settings.token.get_secret_value())]
+        interceptors=[TokenAuthInterceptor(settings.token.get_secret_value())],
+        # Watchers ping every 10 s to notice a dead controller quickly; without these
+        # the server answers such pings with GOAWAY "too_many_pings".
+        options=[
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
     )
     pb_grpc.add_RoutingServiceServicer_to_server(RoutingServicer(broadcast), server)
     pb_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(controller), server)
