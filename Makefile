@@ -52,7 +52,7 @@ typecheck: install
 check: lint typecheck test
 
 bench: install
-	$(PY) -m services.bench
+	$(PY) -m bench $(BENCH)
 
 clean:
 	rm -rf $(DATA) reports
