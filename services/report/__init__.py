@@ -1,0 +1,1 @@
+"""`flywheel report`: KPIs per model version and decided experiments, as HTML + PNG."""
