@@ -1,4 +1,4 @@
-"""The trainer process: registry, control plane, scheduler, all in one lifecycle."""
+"""The trainer process: registry, control plane, scheduler, approvals, one lifecycle."""
 
 from __future__ import annotations
 
@@ -30,12 +30,17 @@ class App:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         logger.info(
-            "trainer starting route=%s grpc=%s:%d steps=%s min_new_rated=%d schema=%s",
+            "trainer starting route=%s grpc=%s:%d steps=%s min_new_rated=%d"
+            " cron=%r backend=%s policy=%s route_policies=%s schema=%s",
             settings.route,
             settings.grpc_host,
             settings.grpc_port,
             settings.rollout_steps,
             settings.min_new_rated,
+            settings.cron,
+            settings.backend,
+            settings.policy,
+            settings.route_policies,
             settings.postgres.db_schema,
         )
 
@@ -45,7 +50,11 @@ class App:
         registry = Registry(pool)
         broadcast = TableBroadcast()
         controller = RolloutController(
-            registry, schema=settings.postgres.db_schema, on_table=broadcast.publish
+            registry,
+            schema=settings.postgres.db_schema,
+            on_table=broadcast.publish,
+            steps=settings.rollout_steps,
+            policy_for=settings.policy_for,
         )
         await controller.ensure_bootstrap(
             settings.route,
@@ -69,6 +78,9 @@ class App:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(follow_database_loop(registry, broadcast, stop))
                 tasks.create_task(pipeline.schedule_loop(stop))
+                tasks.create_task(
+                    controller.approvals_loop(stop, settings.approvals_interval_s)
+                )
                 tasks.create_task(stop.wait())
         finally:
             # Stop intake first (no new calls), then close the pool.

@@ -1,8 +1,14 @@
-"""Dataset curation: supervised examples from rated interactions and corrections.
+"""Dataset curation: supervised examples and preference pairs from rated interactions.
 
 A dataset is a reproducible snapshot: the query window, a content hash over its rows,
-the counts each cleaning rule dropped, and for every row the interaction and feedback
-ids it came from (so a model version traces back to the user signals that shaped it).
+the counts each cleaning rule dropped (and how many kept rows had personal data
+masked), and for every row the interaction and feedback ids it came from, so a model
+version traces back to the user signals that shaped it.
+
+Supervised rows come from positively rated answers and from corrections (the user's
+answer replaces the model's). Preference pairs (for DPO) set a preferred answer
+against a rejected one for the same prompt: a correction against the model answer it
+corrected, or a negatively rated answer against a preferred answer to the same prompt.
 """
 
 from __future__ import annotations
@@ -12,17 +18,22 @@ import logging
 import re
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
+
+from services.gateway.pii import mask_text
 
 logger = logging.getLogger(__name__)
 
-# A positive rating: thumbs up, an implicit copy, or a score of at least 0.5.
+# Counts the tokens of a conversation (prompt messages plus the assistant answer).
+TokenCounter = Callable[[list[dict[str, Any]]], int]
+
+# A positive rating: thumbs up, an implicit copy, or a score of at least 0.5; a
+# negative one: thumbs down, a regenerate, or a score below 0.5.
 CANDIDATES_SQL = """
 WITH ratings AS (
     SELECT interaction_id,
@@ -35,13 +46,15 @@ WITH ratings AS (
     WHERE kind IN ('thumbs', 'score', 'copy', 'regenerate')
     GROUP BY interaction_id
 )
-SELECT 'positive' AS source, i.interaction_id, r.feedback_id, i.request_messages,
-       i.response_text AS completion, i.error IS NOT NULL AS failed, i.metadata
+SELECT CASE WHEN r.any_positive THEN 'positive' ELSE 'negative' END AS source,
+       i.interaction_id, r.feedback_id, i.request_messages,
+       i.response_text AS completion, i.error IS NOT NULL AS failed, i.metadata,
+       NULL::text AS model_answer
 FROM interactions i JOIN ratings r USING (interaction_id)
-WHERE i.route = $1 AND i.finished_at <= $2 AND r.any_positive AND NOT r.any_negative
+WHERE i.route = $1 AND i.finished_at <= $2 AND r.any_positive <> r.any_negative
 UNION ALL
 SELECT 'correction', i.interaction_id, f.event_id, i.request_messages,
-       f.text, false, i.metadata
+       f.text, false, i.metadata, i.response_text
 FROM feedback f JOIN interactions i USING (interaction_id)
 WHERE i.route = $1 AND i.finished_at <= $2 AND f.kind = 'correction'
   AND f.text IS NOT NULL AND f.text <> ''
@@ -67,35 +80,79 @@ class Example:
     def prompt_key(self) -> str:
         return orjson.dumps(self.prompt, option=orjson.OPT_SORT_KEYS).decode()
 
+    def messages(self) -> list[dict[str, Any]]:
+        return [*self.prompt, {"role": "assistant", "content": self.completion}]
+
     def chat_row(self) -> dict[str, Any]:
         """The row in OpenAI's chat fine-tuning format."""
+        return {"messages": self.messages()}
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preferred and a rejected answer to the same prompt, with their signals."""
+
+    prompt: list[dict[str, Any]]
+    preferred: str
+    rejected: str
+    source: str
+    interaction_id: uuid.UUID
+    feedback_id: uuid.UUID | None
+    rejected_interaction_id: uuid.UUID
+    rejected_feedback_id: uuid.UUID | None
+
+    def prompt_key(self) -> str:
+        return orjson.dumps(self.prompt, option=orjson.OPT_SORT_KEYS).decode()
+
+    def preference_row(self) -> dict[str, Any]:
+        """The row in OpenAI's preference (DPO) fine-tuning format."""
         return {
-            "messages": [
-                *self.prompt,
-                {"role": "assistant", "content": self.completion},
-            ]
+            "input": {"messages": self.prompt},
+            "preferred_output": [{"role": "assistant", "content": self.preferred}],
+            "non_preferred_output": [{"role": "assistant", "content": self.rejected}],
         }
 
 
 @dataclass
-class Dataset:
-    """A curated snapshot, split by prompt into train and holdout."""
+class Curated:
+    """What curation kept, split by prompt, and what each rule dropped or masked."""
 
-    dataset_id: str
-    route: str
-    window_end: datetime
     train: list[Example] = field(default_factory=list)
     holdout: list[Example] = field(default_factory=list)
+    pairs_train: list[PreferencePair] = field(default_factory=list)
+    pairs_holdout: list[PreferencePair] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
+    masked: Counter[str] = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "train": len(self.train),
+            "holdout": len(self.holdout),
+            "pairs_train": len(self.pairs_train),
+            "pairs_holdout": len(self.pairs_holdout),
+        }
+
+
+@dataclass
+class Dataset(Curated):
+    """A curated, stored snapshot."""
+
+    dataset_id: str = ""
+    route: str = ""
+    window_end: datetime | None = None
 
     def content_sha256(self) -> str:
         digest = hashlib.sha256()
-        for split, rows in (("train", self.train), ("holdout", self.holdout)):
-            for example in rows:
+        parts: list[tuple[str, list[Any]]] = [
+            ("train", [e.chat_row() for e in self.train]),
+            ("holdout", [e.chat_row() for e in self.holdout]),
+            ("pairs_train", [p.preference_row() for p in self.pairs_train]),
+            ("pairs_holdout", [p.preference_row() for p in self.pairs_holdout]),
+        ]
+        for split, rows in parts:
+            for row in rows:
                 digest.update(split.encode())
-                digest.update(
-                    orjson.dumps(example.chat_row(), option=orjson.OPT_SORT_KEYS)
-                )
+                digest.update(orjson.dumps(row, option=orjson.OPT_SORT_KEYS))
         return digest.hexdigest()
 
 
@@ -104,13 +161,27 @@ def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def approx_tokens(example: Example) -> int:
-    # About four characters a token for English text with a BPE tokenizer; precise
-    # enough to drop the over-long outliers without loading the tokenizer here.
-    chars = len(example.completion) + sum(
-        len(str(m.get("content", ""))) for m in example.prompt
-    )
-    return chars // 4 + 4 * (len(example.prompt) + 1)
+def approx_tokens(messages: list[dict[str, Any]]) -> int:
+    """About four characters a token plus four a message: the fallback counter.
+
+    Close enough for English text with a BPE tokenizer to drop the over-long
+    outliers when no tokenizer is at hand (see `tokenizer_counter`).
+    """
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    return chars // 4 + 4 * len(messages)
+
+
+def tokenizer_counter(tokenizer: Any) -> TokenCounter:
+    """A counter that renders the chat template and counts the real token ids."""
+
+    def count(messages: list[dict[str, Any]]) -> int:
+        chat = [
+            {"role": m["role"], "content": m.get("content") or ""} for m in messages
+        ]
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
 
 
 def in_holdout(prompt_key: str, share: float) -> bool:
@@ -119,140 +190,162 @@ def in_holdout(prompt_key: str, share: float) -> bool:
     return value / 2**32 < share
 
 
+def _masked(text: str, masked: Counter[str], what: str) -> str:
+    # The gateway masked the request already; what came straight from Kafka (or a
+    # user's correction) may still hold personal data: scan everything again.
+    cleaned = mask_text(text)
+    if cleaned != text:
+        masked[what] += 1
+    return cleaned
+
+
+class _Curator:
+    """One pass of cleaning over candidate rows (see `curate`)."""
+
+    def __init__(
+        self, exclude: tuple[str, str], max_tokens: int, count_tokens: TokenCounter
+    ) -> None:
+        self.exclude = exclude
+        self.max_tokens = max_tokens
+        self.count_tokens = count_tokens
+        self.result = Curated()
+        self.examples: list[Example] = []
+        self.pairs: list[PreferencePair] = []
+        self.negatives: list[Example] = []
+        self.seen_exact: set[tuple[str, str]] = set()
+        self.seen_near: set[tuple[str, str]] = set()
+        self.seen_pairs: set[tuple[str, str, str]] = set()
+
+    def add(self, row: dict[str, Any]) -> None:
+        dropped, masked = self.result.dropped, self.result.masked
+        exclude_key, exclude_value = self.exclude
+        if (row.get("metadata") or {}).get(exclude_key) == exclude_value:
+            dropped["excluded_by_metadata"] += 1
+            return
+        if row["failed"] or not (row["completion"] or "").strip():
+            dropped["failed_call"] += 1
+            return
+        prompt = [
+            {
+                "role": m["role"],
+                "content": _masked(str(m.get("content") or ""), masked, "prompt"),
+            }
+            for m in row["request_messages"]
+        ]
+        example = Example(
+            prompt=prompt,
+            completion=_masked(row["completion"].strip(), masked, "completion"),
+            source=row["source"],
+            interaction_id=row["interaction_id"],
+            feedback_id=row["feedback_id"],
+        )
+        if example.source == "negative":
+            self.negatives.append(example)
+            return
+        model_answer = (row.get("model_answer") or "").strip()
+        if example.source == "correction" and model_answer:
+            rejected = _masked(model_answer, masked, "rejected")
+            self.add_pair(example, rejected, example.interaction_id, None)
+        self.add_example(example)
+
+    def add_example(self, example: Example) -> None:
+        dropped = self.result.dropped
+        key = example.prompt_key()
+        if (key, example.completion) in self.seen_exact:
+            dropped["exact_duplicate"] += 1
+            return
+        self.seen_exact.add((key, example.completion))
+        near = (normalize(key), normalize(example.completion))
+        if near in self.seen_near:
+            dropped["near_duplicate"] += 1
+            return
+        self.seen_near.add(near)
+        if self.count_tokens(example.messages()) > self.max_tokens:
+            dropped["too_long"] += 1
+            return
+        self.examples.append(example)
+
+    def add_pair(
+        self,
+        preferred: Example,
+        rejected: str,
+        rejected_interaction: uuid.UUID,
+        rejected_feedback: uuid.UUID | None,
+    ) -> None:
+        dropped = self.result.dropped
+        key = preferred.prompt_key()
+        if normalize(rejected) == normalize(preferred.completion):
+            dropped["pair_same_answer"] += 1
+            return
+        identity = (
+            normalize(key),
+            normalize(preferred.completion),
+            normalize(rejected),
+        )
+        if identity in self.seen_pairs:
+            dropped["pair_duplicate"] += 1
+            return
+        self.seen_pairs.add(identity)
+        longest = max(preferred.completion, rejected, key=len)
+        messages = [*preferred.prompt, {"role": "assistant", "content": longest}]
+        if self.count_tokens(messages) > self.max_tokens:
+            dropped["pair_too_long"] += 1
+            return
+        self.pairs.append(
+            PreferencePair(
+                prompt=preferred.prompt,
+                preferred=preferred.completion,
+                rejected=rejected,
+                source=f"{preferred.source}_vs_rejected",
+                interaction_id=preferred.interaction_id,
+                feedback_id=preferred.feedback_id,
+                rejected_interaction_id=rejected_interaction,
+                rejected_feedback_id=rejected_feedback,
+            )
+        )
+
+    def pair_negatives(self) -> None:
+        """Set each negatively rated answer against a kept answer to its prompt."""
+        preferred_by_prompt: dict[str, Example] = {}
+        for example in self.examples:
+            preferred_by_prompt.setdefault(example.prompt_key(), example)
+        for negative in self.negatives:
+            preferred = preferred_by_prompt.get(negative.prompt_key())
+            if preferred is None:
+                self.result.dropped["negative_without_preferred"] += 1
+                continue
+            self.add_pair(
+                preferred,
+                negative.completion,
+                negative.interaction_id,
+                negative.feedback_id,
+            )
+
+
 def curate(
     rows: list[dict[str, Any]],
     *,
     exclude: tuple[str, str],
     holdout_share: float,
     max_tokens: int,
-) -> tuple[list[Example], list[Example], Counter[str]]:
-    """Clean candidate rows and split them by prompt. Pure: no database here."""
-    dropped: Counter[str] = Counter()
-    seen_exact: set[tuple[str, str]] = set()
-    seen_near: set[tuple[str, str]] = set()
-    train: list[Example] = []
-    holdout: list[Example] = []
-    exclude_key, exclude_value = exclude
+    count_tokens: TokenCounter = approx_tokens,
+) -> Curated:
+    """Clean candidate rows, pair preferences, split by prompt. Pure: no database.
+
+    Rules in order, each counted in `dropped`: excluded by metadata (an evaluation
+    set), failed call, exact duplicate, near duplicate, too long (by `count_tokens`);
+    pairs: same answer on both sides, duplicate pair, too long; negatives with no
+    preferred answer to the same prompt. Personal data is masked, never dropped.
+    """
+    curator = _Curator(exclude, max_tokens, count_tokens)
     for row in rows:
-        if (row.get("metadata") or {}).get(exclude_key) == exclude_value:
-            dropped["excluded_by_metadata"] += 1
-            continue
-        if row["failed"] or not row["completion"]:
-            dropped["failed_call"] += 1
-            continue
-        prompt = [
-            {"role": m["role"], "content": m.get("content") or ""}
-            for m in row["request_messages"]
-        ]
-        example = Example(
-            prompt=prompt,
-            completion=row["completion"].strip(),
-            source=row["source"],
-            interaction_id=row["interaction_id"],
-            feedback_id=row["feedback_id"],
-        )
-        key = example.prompt_key()
-        if (key, example.completion) in seen_exact:
-            dropped["exact_duplicate"] += 1
-            continue
-        seen_exact.add((key, example.completion))
-        near = (normalize(key), normalize(example.completion))
-        if near in seen_near:
-            dropped["near_duplicate"] += 1
-            continue
-        seen_near.add(near)
-        if approx_tokens(example) > max_tokens:
-            dropped["too_long"] += 1
-            continue
-        (holdout if in_holdout(key, holdout_share) else train).append(example)
-    return train, holdout, dropped
-
-
-async def count_new_rated(
-    pool: asyncpg.Pool, route: str, since: datetime | None
-) -> int:
-    since = since or datetime.fromtimestamp(0).astimezone()
-    return int(await pool.fetchval(NEW_RATED_SQL, route, since))
-
-
-async def last_window_end(pool: asyncpg.Pool, route: str) -> datetime | None:
-    value = await pool.fetchval(
-        "SELECT max(window_end) FROM datasets WHERE route = $1", route
-    )
-    return value  # type: ignore[no-any-return]
-
-
-async def build_dataset(
-    pool: asyncpg.Pool,
-    route: str,
-    *,
-    window_end: datetime,
-    exclude: tuple[str, str],
-    holdout_share: float,
-    max_tokens: int,
-    out_dir: Path,
-) -> Dataset:
-    """Curate, store and export a dataset of everything rated up to `window_end`."""
-    rows = [dict(row) for row in await pool.fetch(CANDIDATES_SQL, route, window_end)]
-    rows.sort(key=lambda row: (str(row["interaction_id"]), row["source"]))
-    train, holdout, dropped = curate(
-        rows, exclude=exclude, holdout_share=holdout_share, max_tokens=max_tokens
-    )
-    dataset = Dataset(
-        dataset_id=f"ds-{uuid.uuid4().hex[:10]}",
-        route=route,
-        window_end=window_end,
-        train=train,
-        holdout=holdout,
-        dropped=dropped,
-    )
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(
-            "INSERT INTO datasets (dataset_id, route, content_sha256, window_end,"
-            " train_rows, holdout_rows, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            dataset.dataset_id,
-            route,
-            dataset.content_sha256(),
-            window_end,
-            len(train),
-            len(holdout),
-            dict(dropped),
-        )
-        await connection.executemany(
-            "INSERT INTO dataset_rows (dataset_id, row_no, split, prompt, completion,"
-            " source, interaction_id, feedback_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            [
-                (
-                    dataset.dataset_id,
-                    number,
-                    split,
-                    example.prompt,
-                    example.completion,
-                    example.source,
-                    example.interaction_id,
-                    example.feedback_id,
-                )
-                for number, (split, example) in enumerate(
-                    [("train", e) for e in train] + [("holdout", e) for e in holdout]
-                )
-            ],
-        )
-    export_jsonl(dataset, out_dir / dataset.dataset_id)
-    logger.info(
-        "dataset built dataset=%s train=%d holdout=%d dropped=%s",
-        dataset.dataset_id,
-        len(train),
-        len(holdout),
-        dict(dropped),
-    )
-    return dataset
-
-
-def export_jsonl(dataset: Dataset, folder: Path) -> None:
-    """Write train.jsonl and holdout.jsonl in OpenAI's chat fine-tuning format."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", dataset.train), ("holdout", dataset.holdout)):
-        with (folder / f"{name}.jsonl").open("wb") as out:
-            for example in rows:
-                out.write(orjson.dumps(example.chat_row()) + b"\n")
+        curator.add(row)
+    curator.pair_negatives()
+    result = curator.result
+    for example in curator.examples:
+        held = in_holdout(example.prompt_key(), holdout_share)
+        (result.holdout if held else result.train).append(example)
+    for pair in curator.pairs:
+        held = in_holdout(pair.prompt_key(), holdout_share)
+        (result.pairs_holdout if held else result.pairs_train).append(pair)
+    return result

@@ -1,19 +1,26 @@
-"""A training cycle (dataset, LoRA, registry, staging, canary) and the scheduler."""
+"""A training cycle (dataset, fine-tune, registry, staging, canary); the scheduler."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
+import asyncpg
 from croniter import croniter
 
 from services.common.lifecycle import sleep_or_stop
-from services.trainer import datasets, staging
+from services.trainer import runs, snapshot, staging
+from services.trainer.backends import (
+    LocalBackend,
+    OpenAIBackend,
+    TrainedModel,
+    TrainingBackend,
+)
+from services.trainer.datasets import TokenCounter, approx_tokens, tokenizer_counter
+from services.trainer.errors import TrainerError
 from services.trainer.rollout import RolloutController
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import TRAINING_LOCK, ModelVersion, Registry
@@ -23,8 +30,24 @@ logger = logging.getLogger(__name__)
 MIN_TRAIN_ROWS = 4
 
 
-class TrainingFailedError(RuntimeError):
-    """The fine-tuning subprocess failed or timed out (retriable)."""
+def default_backend(settings: TrainerSettings) -> TrainingBackend:
+    if settings.backend == "openai":
+        return OpenAIBackend(settings.openai)
+    return LocalBackend(settings.training, Path(settings.adapters_dir))
+
+
+def load_token_counter(tokenizer_path: str) -> TokenCounter:
+    """The base model's tokenizer as a counter (blocking: run it in a thread)."""
+    from transformers import AutoTokenizer
+
+    from services.inference.settings import ModelSource
+
+    source = ModelSource(model_path=Path(tokenizer_path) if tokenizer_path else None)
+    folder, gguf_file = source.resolve()
+    options: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        options["gguf_file"] = gguf_file
+    return tokenizer_counter(AutoTokenizer.from_pretrained(folder, **options))
 
 
 class Pipeline:
@@ -35,56 +58,92 @@ class Pipeline:
         settings: TrainerSettings,
         registry: Registry,
         controller: RolloutController,
+        backend: TrainingBackend | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._controller = controller
+        self._backend = backend or default_backend(settings)
+        self._counter: asyncio.Task[TokenCounter] | None = None
         self.last_cycle: dict[str, Any] = {}
 
-    async def fine_tune(self, train_file: Path, output_dir: Path) -> dict[str, Any]:
-        """Run the local LoRA backend in a subprocess; the control plane stays live."""
-        options = self._settings.training
-        command = [
-            sys.executable,
-            "-m",
-            "services.trainer.finetune_local",
-            "--dataset",
-            str(train_file),
-            "--output",
-            str(output_dir),
-            "--epochs",
-            str(options.epochs),
-            "--learning-rate",
-            str(options.learning_rate),
-            "--rank",
-            str(options.rank),
-            "--seed",
-            str(options.seed),
-            "--batch-size",
-            str(options.batch_size),
-        ]
-        if options.max_steps:
-            command += ["--max-steps", str(options.max_steps)]
-        process = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+    def preload_tokenizer(self) -> None:
+        """Start loading the tokenizer in a thread, once; cycles await it."""
+        wanted = self._settings.token_count == "tokenizer"  # noqa: S105 - a mode
+        if self._counter is None and wanted:
+            self._counter = asyncio.create_task(
+                asyncio.to_thread(load_token_counter, self._settings.tokenizer_path)
+            )
+
+    async def token_counter(self) -> TokenCounter:
+        """The real tokenizer's counter when it loads, else the approximation."""
+        self.preload_tokenizer()
+        if self._counter is None:
+            return approx_tokens
         try:
-            stdout, stderr = await asyncio.wait_for(
-                process.communicate(), options.timeout_s
+            return await self._counter
+        except (OSError, ValueError, ImportError) as error:
+            logger.warning(
+                "tokenizer unavailable, counting tokens approximately: %r", error
             )
-        except TimeoutError as error:
-            process.kill()
-            await process.wait()
-            raise TrainingFailedError(
-                f"fine-tuning ran past {options.timeout_s:.0f} s"
-            ) from error
-        if process.returncode != 0:
-            tail = stderr.decode(errors="replace")[-2000:]
-            raise TrainingFailedError(
-                f"fine-tuning exited {process.returncode}: {tail}"
+            return approx_tokens
+
+    async def _register(
+        self, production: ModelVersion, dataset_id: str
+    ) -> ModelVersion:
+        route = self._settings.route
+        number = await self._registry.next_version_number(route)
+        version_id = f"{route}-v{number}"
+        candidate = ModelVersion(
+            version_id=version_id,
+            route=route,
+            base_model=production.base_model,
+            adapter=None,
+            upstream_url=production.upstream_url,
+            state="training",
+            parent_version=production.version_id,
+            dataset_id=dataset_id,
+        )
+        lineage = {
+            "backend": self._settings.backend,
+            "training": self._settings.training.model_dump(),
+            "openai": self._settings.openai.model_dump(exclude={"api_key"}),
+            "staging": self._settings.staging.model_dump(),
+        }
+        await self._registry.register_version(
+            self._registry.pool, candidate, settings=lineage
+        )
+        return candidate
+
+    async def _train(
+        self, candidate: ModelVersion, production: ModelVersion, dataset_dir: Path
+    ) -> ModelVersion:
+        registry = self._registry
+        try:
+            trained: TrainedModel = await self._backend.train(
+                dataset_dir, candidate.version_id, production
             )
-        lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
-        return orjson.loads(lines[-1]) if lines else {}
+        except TrainerError as error:
+            await registry.set_scores(candidate.version_id, {"error": str(error)})
+            await registry.set_state(registry.pool, candidate.version_id, "rejected")
+            raise
+        await registry.set_target(
+            candidate.version_id,
+            base_model=trained.base_model,
+            adapter=trained.adapter,
+            upstream=trained.upstream_url,
+        )
+        await registry.set_scores(candidate.version_id, {"training": trained.report})
+        await registry.set_state(registry.pool, candidate.version_id, "staged")
+        return ModelVersion(
+            **{
+                **candidate.__dict__,
+                "base_model": trained.base_model,
+                "adapter": trained.adapter,
+                "upstream_url": trained.upstream_url,
+                "state": "staged",
+            }
+        )
 
     async def run_cycle(self, window_end: datetime) -> dict[str, Any]:
         """Dataset -> fine-tune -> register -> staging -> canary (or rejected)."""
@@ -94,7 +153,7 @@ class Pipeline:
 
         # 1. Curate a dataset snapshot of everything rated up to the window's end.
         started = loop.time()
-        dataset = await datasets.build_dataset(
+        dataset = await snapshot.build_dataset(
             self._registry.pool,
             route,
             window_end=window_end,
@@ -102,6 +161,7 @@ class Pipeline:
             holdout_share=settings.holdout_share,
             max_tokens=settings.max_example_tokens,
             out_dir=Path(settings.datasets_dir),
+            count_tokens=await self.token_counter(),
         )
         timings["dataset_s"] = loop.time() - started
         if len(dataset.train) < MIN_TRAIN_ROWS:
@@ -111,33 +171,12 @@ class Pipeline:
         # 2. Register the candidate as training, then fine-tune it.
         production = await self._registry.production(route)
         assert production is not None, "ensure_bootstrap runs before the scheduler"
-        number = await self._registry.next_version_number(route)
-        version_id = f"{route}-v{number}"
-        candidate = ModelVersion(
-            version_id=version_id,
-            route=route,
-            base_model=production.base_model,
-            adapter=version_id,
-            upstream_url=production.upstream_url,
-            state="training",
-            parent_version=production.version_id,
-            dataset_id=dataset.dataset_id,
-        )
-        await self._registry.register_version(
-            self._registry.pool, candidate, settings=settings.training.model_dump()
-        )
+        candidate = await self._register(production, dataset.dataset_id)
         started = loop.time()
-        try:
-            result = await self.fine_tune(
-                Path(settings.datasets_dir) / dataset.dataset_id / "train.jsonl",
-                Path(settings.adapters_dir) / version_id,
-            )
-        except TrainingFailedError:
-            await self._registry.set_state(self._registry.pool, version_id, "rejected")
-            raise
+        candidate = await self._train(
+            candidate, production, Path(settings.datasets_dir) / dataset.dataset_id
+        )
         timings["training_s"] = loop.time() - started
-        await self._registry.set_scores(version_id, {"training": result})
-        await self._registry.set_state(self._registry.pool, version_id, "staged")
 
         # 3. Staging: both models answer trained and held-out prompts.
         started = loop.time()
@@ -152,91 +191,134 @@ class Pipeline:
             max_tokens=settings.staging.max_tokens,
         )
         timings["staging_s"] = loop.time() - started
-        await self._registry.set_scores(version_id, verdict.as_scores())
+        await self._registry.set_scores(candidate.version_id, verdict.as_scores())
         logger.info(
             "staging done version=%s passed=%s reason=%s",
-            version_id,
+            candidate.version_id,
             verdict.passed,
             verdict.reason,
         )
 
-        # 4. Only a candidate that passed staging ever gets traffic.
-        if not verdict.passed:
-            await self._registry.set_state(self._registry.pool, version_id, "rejected")
-            outcome = "rejected"
-        else:
-            await self._controller.start(
-                ModelVersion(**{**candidate.__dict__, "state": "staged"}),
-                settings.rollout_steps,
-            )
-            outcome = "canary"
+        # 4. Only a candidate that passed staging ever gets traffic, and under the
+        #    `approve` policy only once a person approved it.
+        outcome = await self._after_staging(candidate, verdict.passed)
         self.last_cycle = {
             "outcome": outcome,
-            "version": version_id,
+            "version": candidate.version_id,
             "dataset": dataset.dataset_id,
-            "train_rows": len(dataset.train),
-            "holdout_rows": len(dataset.holdout),
+            "counts": dataset.counts(),
             "timings": timings,
             "staging": verdict.__dict__,
         }
         return self.last_cycle
 
-    async def _due(self, since: datetime | None, next_cron: datetime | None) -> bool:
+    async def _after_staging(self, candidate: ModelVersion, passed: bool) -> str:
+        registry, route = self._registry, candidate.route
+        if not passed:
+            await registry.set_state(registry.pool, candidate.version_id, "rejected")
+            return "rejected"
+        if self._controller.policy(route) == "approve":
+            logger.info(
+                "candidate awaits approval version=%s: run `flywheel approve %s`",
+                candidate.version_id,
+                route,
+            )
+            return "awaiting_approval"
+        await self._controller.start(candidate, self._settings.rollout_steps)
+        return "canary"
+
+    async def due(self, since: datetime | None, next_cron: datetime | None) -> bool:
+        """Whether a run should start now: cron time reached or enough new ratings.
+
+        Never while a rollout runs or a candidate waits for its approval.
+        """
         route = self._settings.route
         if await self._registry.running_rollout(route) is not None:
             return False
+        if await self._registry.awaiting_traffic(route) is not None:
+            return False
         if next_cron is not None and datetime.now(UTC) >= next_cron:
             return True
-        new_rated = await datasets.count_new_rated(self._registry.pool, route, since)
+        new_rated = await snapshot.count_new_rated(self._registry.pool, route, since)
         return new_rated >= self._settings.min_new_rated
 
     async def schedule_loop(self, stop: asyncio.Event) -> None:
-        """Start a cycle when due; one at a time across replicas (advisory lock)."""
-        cron = (
-            croniter(self._settings.cron, datetime.now(UTC))
-            if self._settings.cron
-            else None
-        )
+        """Start a run when due; one at a time across replicas; retry with backoff."""
+        settings = self._settings
+        cron = croniter(settings.cron, datetime.now(UTC)) if settings.cron else None
         next_cron = cron.get_next(datetime) if cron else None
-        attempts = 0
+        self.preload_tokenizer()
         while not stop.is_set():
+            delay_s = settings.check_interval_s
             try:
-                since = await datasets.last_window_end(
-                    self._registry.pool, self._settings.route
-                )
-                if await self._due(since, next_cron):
-                    ran = await self._run_locked()
-                    if ran and cron is not None:
+                since = await runs.window_end(self._registry.pool, settings.route)
+                if await self.due(since, next_cron):
+                    state = await self.run_locked()
+                    if state == "failed":
+                        delay_s = await self._retry_delay_s()
+                    elif state != "busy" and cron is not None:
                         next_cron = cron.get_next(datetime)
-                    attempts = 0
-            except (TrainingFailedError, OSError) as error:
-                attempts += 1
-                delay_s = min(300.0, 5.0 * 2**attempts)
-                logger.warning(
-                    "training cycle failed attempt=%d retry_in_s=%.0f: %s",
-                    attempts,
-                    delay_s,
-                    error,
-                )
-                if attempts >= self._settings.max_run_attempts:
-                    logger.error("training cycle gave up after %d attempts", attempts)
-                    attempts = 0
-                await sleep_or_stop(stop, delay_s)
-                continue
-            await sleep_or_stop(stop, self._settings.check_interval_s)
+            except (OSError, asyncpg.PostgresError) as error:
+                logger.warning("scheduler check failed, retrying: %r", error)
+            await sleep_or_stop(stop, delay_s)
 
-    async def _run_locked(self) -> bool:
+    async def _retry_delay_s(self) -> float:
+        settings = self._settings
+        failed = await runs.failed_attempts(self._registry.pool, settings.route)
+        delay_s = min(settings.retry_max_s, settings.retry_base_s * 2 ** (failed - 1))
+        logger.warning(
+            "training run failed attempt=%d of %d retry_in_s=%.1f",
+            failed,
+            settings.max_run_attempts,
+            delay_s,
+        )
+        return delay_s
+
+    async def run_locked(self) -> str:
+        """One run if no other replica is running one: its state, or `busy`."""
         key = (self._settings.postgres.db_schema, TRAINING_LOCK)
         async with self._registry.pool.acquire() as connection:
             locked = await connection.fetchval(
                 "SELECT pg_try_advisory_lock(hashtext($1), $2)", *key
             )
             if not locked:
-                return False
+                return "busy"
             try:
-                await self.run_cycle(datetime.now(UTC))
+                return await self._recorded_run()
             finally:
                 await connection.execute(
                     "SELECT pg_advisory_unlock(hashtext($1), $2)", *key
                 )
-        return True
+
+    async def _recorded_run(self) -> str:
+        """Run a cycle and record it in training_runs (see services/trainer/runs.py)."""
+        pool, route = self._registry.pool, self._settings.route
+        attempt = await runs.failed_attempts(pool, route) + 1
+        window = datetime.now(UTC)
+        run_id = await runs.start_run(pool, route, window, attempt)
+        try:
+            result = await self.run_cycle(window)
+        except TrainerError as error:
+            give_up = not error.retriable or attempt >= self._settings.max_run_attempts
+            state = "abandoned" if give_up else "failed"
+            logger.error(
+                "training run %s run=%s attempt=%d: %s", state, run_id, attempt, error
+            )
+            await runs.finish_run(pool, run_id, state, error=str(error))
+            return state
+        except asyncio.CancelledError:
+            await asyncio.shield(
+                runs.finish_run(pool, run_id, "failed", error="interrupted by a stop")
+            )
+            raise
+        state = "skipped" if result["outcome"] == "skipped" else "succeeded"
+        await runs.finish_run(
+            pool,
+            run_id,
+            state,
+            dataset_id=result.get("dataset"),
+            version_id=result.get("version"),
+            outcome=result["outcome"],
+            timings=result.get("timings"),
+        )
+        return state

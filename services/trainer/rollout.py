@@ -7,6 +7,7 @@ mid-step resumes exactly where the database says it was.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,10 @@ from typing import Any
 
 import asyncpg
 
+from services.common.lifecycle import sleep_or_stop
 from services.common.routing import BUCKETS, Route, RoutingTable, Variant
+from services.trainer import approvals
+from services.trainer.approvals import Approval
 from services.trainer.store import ROLLOUT_LOCK, ModelVersion, Registry, Rollout
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,13 @@ def canary_route(
 
 
 class RolloutController:
-    """Applies verdicts and manual actions to rollouts; owns the routing table."""
+    """Applies verdicts, approvals and manual actions to rollouts; owns the table.
+
+    `policy_for(route)` is `auto` (verdicts alone move a rollout) or `approve` (a
+    person's approval starts a staged candidate's rollout and promotes it to
+    production once the analyzer passed its last step); `steps` are the canary
+    percentages a rollout started by an approval gets.
+    """
 
     def __init__(
         self,
@@ -78,10 +88,18 @@ class RolloutController:
         *,
         schema: str,
         on_table: Callable[[RoutingTable], Awaitable[None]] | None = None,
+        steps: list[int] | None = None,
+        policy_for: Callable[[str], str] | None = None,
     ) -> None:
         self._registry = registry
         self._schema = schema
         self._on_table = on_table
+        self._steps = steps or [5, 25, 50]
+        self._policy_for = policy_for or (lambda route: "auto")
+
+    def policy(self, route: str) -> str:
+        """`auto` or `approve`."""
+        return self._policy_for(route)
 
     async def _locked(self, connection: asyncpg.Connection) -> None:
         await connection.execute(
@@ -143,7 +161,14 @@ class RolloutController:
         await self._publish(table)
         return table
 
-    async def start(self, candidate: ModelVersion, steps: list[int]) -> Rollout:
+    async def start(
+        self,
+        candidate: ModelVersion,
+        steps: list[int],
+        *,
+        source: str = "pipeline",
+        reason: str = "",
+    ) -> Rollout:
         """Give a staged candidate its first canary step."""
         async with (
             self._registry.pool.acquire() as connection,
@@ -182,8 +207,8 @@ class RolloutController:
                 connection,
                 rollout.rollout_id,
                 action="started",
-                source="pipeline",
-                reason=f"canary at {steps[0]}%",
+                source=source,
+                reason=reason or f"canary at {steps[0]}%",
                 verdict=None,
                 routing_version=table.version,
             )
@@ -205,6 +230,9 @@ class RolloutController:
                 "ignored", current.version, "no running step with that experiment"
             )
         decision = verdict.get("decision")
+        last_step = rollout.step_index + 1 >= len(rollout.steps)
+        if decision == "promote" and last_step and self.policy(route) == "approve":
+            return await self._await_approval(rollout, verdict, current.version)
         if decision == "promote":
             return await self._advance(
                 rollout, "analyzer", verdict.get("reason", ""), verdict
@@ -214,6 +242,88 @@ class RolloutController:
                 rollout, "analyzer", verdict.get("reason", ""), verdict
             )
         return Outcome("held", current.version, "experiment continues")
+
+    async def _await_approval(
+        self, rollout: Rollout, verdict: dict[str, Any], routing_version: int
+    ) -> Outcome:
+        """Hold at the last step until a person approves the promotion."""
+        reason = "the last step passed; promotion waits for an approval"
+        if rollout.awaiting_approval:
+            return Outcome("held", routing_version, reason)
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            await self._locked(connection)
+            if not await self._still_current(connection, rollout):
+                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+            await connection.execute(
+                "UPDATE rollouts SET awaiting_approval = true, updated_at = now()"
+                " WHERE rollout_id = $1",
+                rollout.rollout_id,
+            )
+            await self._registry.record_decision(
+                connection,
+                rollout.rollout_id,
+                action="awaiting_approval",
+                source="analyzer",
+                reason=verdict.get("reason", "") or reason,
+                verdict=verdict,
+                routing_version=routing_version,
+            )
+        logger.info(
+            "rollout awaits approval rollout=%s candidate=%s",
+            rollout.rollout_id,
+            rollout.candidate,
+        )
+        return Outcome("held", routing_version, reason)
+
+    async def apply_approvals(self) -> list[tuple[int, str]]:
+        """Apply every unhandled approval; (approval id, outcome) for each."""
+        applied = []
+        for approval in await approvals.unhandled(self._registry.pool):
+            outcome = await self._apply(approval)
+            await approvals.mark_handled(
+                self._registry.pool, approval.approval_id, outcome
+            )
+            logger.info(
+                "approval handled approval=%s route=%s by=%s outcome=%s",
+                approval.approval_id,
+                approval.route,
+                approval.approved_by,
+                outcome,
+            )
+            applied.append((approval.approval_id, outcome))
+        return applied
+
+    async def _apply(self, approval: Approval) -> str:
+        """What the approval releases: a promotion, a first step, or nothing."""
+        reason = f"approved by {approval.approved_by}: {approval.reason}".rstrip(": ")
+        rollout = await self._registry.running_rollout(approval.route)
+        if rollout is not None:
+            if not rollout.awaiting_approval or approval.version_id not in (
+                None,
+                rollout.candidate,
+            ):
+                return "nothing waiting: the running rollout is not at its promotion"
+            outcome = await self._advance(rollout, "approval", reason, None)
+            return outcome.action
+        candidate = await self._registry.awaiting_traffic(
+            approval.route, approval.version_id
+        )
+        if candidate is None:
+            return "nothing waiting"
+        await self.start(candidate, self._steps, source="approval", reason=reason)
+        return "started"
+
+    async def approvals_loop(self, stop: asyncio.Event, interval_s: float) -> None:
+        """Poll for approvals until stopped."""
+        while not stop.is_set():
+            try:
+                await self.apply_approvals()
+            except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+                logger.warning("applying approvals failed, retrying: %r", error)
+            await sleep_or_stop(stop, interval_s)
 
     async def promote(self, route: str, reason: str) -> Outcome:
         """Move the running rollout one step on, by hand."""

@@ -13,6 +13,31 @@ from services.common.routing import RoutingTable
 TRAINING_LOCK = 1
 ROLLOUT_LOCK = 2
 
+# A version's life: training -> staged -> canary -> production -> retired, or off
+# the path to rejected (failed training or staging) or rolled_back (by a verdict or
+# by hand). A staged candidate no one approved may be retired by a newer one.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "staged": frozenset({"training"}),
+    "rejected": frozenset({"training", "staged"}),
+    "canary": frozenset({"staged"}),
+    "production": frozenset({"canary"}),
+    "rolled_back": frozenset({"canary"}),
+    "retired": frozenset({"production", "staged"}),
+}
+
+# The newest staged candidate that passed staging and has not had traffic yet.
+AWAITING_TRAFFIC_SQL = """
+SELECT * FROM model_versions
+WHERE route = $1 AND state = 'staged'
+  AND (scores -> 'staging' ->> 'passed')::boolean
+  AND ($2::text IS NULL OR version_id = $2)
+ORDER BY created_at DESC LIMIT 1
+"""
+
+
+class InvalidTransitionError(ValueError):
+    """A version was asked to move to a state its current state cannot reach."""
+
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -39,6 +64,7 @@ class Rollout:
     steps: list[int]
     step_index: int
     state: str
+    awaiting_approval: bool = False
 
     @property
     def experiment_id(self) -> str:
@@ -68,6 +94,7 @@ def _rollout(row: asyncpg.Record) -> Rollout:
         steps=list(row["steps"]),
         step_index=row["step_index"],
         state=row["state"],
+        awaiting_approval=row["awaiting_approval"],
     )
 
 
@@ -102,11 +129,33 @@ class Registry:
     async def set_state(
         self, connection: asyncpg.Connection | asyncpg.Pool, version_id: str, state: str
     ) -> None:
-        await connection.execute(
+        """Move a version to `state`; refuses a move the life cycle does not allow."""
+        moved = await connection.fetchval(
             "UPDATE model_versions SET state = $2, updated_at = now()"
-            " WHERE version_id = $1",
+            " WHERE version_id = $1 AND state = ANY($3::text[]) RETURNING version_id",
             version_id,
             state,
+            sorted(TRANSITIONS.get(state, ())),
+        )
+        if moved is None:
+            current = await connection.fetchval(
+                "SELECT state FROM model_versions WHERE version_id = $1", version_id
+            )
+            raise InvalidTransitionError(
+                f"version {version_id!r} cannot move from {current!r} to {state!r}"
+            )
+
+    async def set_target(
+        self, version_id: str, *, base_model: str, adapter: str | None, upstream: str
+    ) -> None:
+        """Where a trained version is served (the `openai` backend learns it late)."""
+        await self.pool.execute(
+            "UPDATE model_versions SET base_model = $2, adapter = $3,"
+            " upstream_url = $4, updated_at = now() WHERE version_id = $1",
+            version_id,
+            base_model,
+            adapter,
+            upstream,
         )
 
     async def set_scores(self, version_id: str, scores: dict[str, Any]) -> None:
@@ -130,6 +179,29 @@ class Registry:
             route,
         )
         return _version(row) if row else None
+
+    async def awaiting_traffic(
+        self, route: str, version_id: str | None = None
+    ) -> ModelVersion | None:
+        """A staged candidate that passed staging and waits for an approval."""
+        row = await self.pool.fetchrow(AWAITING_TRAFFIC_SQL, route, version_id)
+        return _version(row) if row else None
+
+    async def lineage(self, version_id: str) -> dict[str, Any] | None:
+        """A version with its base, parent, dataset snapshot, settings and scores."""
+        row = await self.pool.fetchrow(
+            "SELECT v.*, to_jsonb(d) - 'route' AS dataset FROM model_versions v"
+            " LEFT JOIN datasets d USING (dataset_id) WHERE v.version_id = $1",
+            version_id,
+        )
+        if row is None:
+            return None
+        lineage = dict(row)
+        lineage["signals"] = await self.pool.fetchval(
+            "SELECT count(*) FROM dataset_rows WHERE dataset_id = $1",
+            row["dataset_id"],
+        )
+        return lineage
 
     async def next_version_number(self, route: str) -> int:
         count = await self.pool.fetchval(
