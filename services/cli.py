@@ -1,4 +1,4 @@
-"""The `flywheel` command line: up, demo, status, db migrate, promote, rollback."""
+"""The `flywheel` command line: up, demo, status, db, promote, rollback, approve."""
 
 from __future__ import annotations
 
@@ -168,6 +168,44 @@ async def cmd_manual(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_approve(args: argparse.Namespace) -> int:
+    """`flywheel approve`: record an approval in PostgreSQL for the trainer to apply."""
+    import getpass
+
+    from services.common import db
+    from services.common.settings import PostgresSettings
+    from services.trainer.approvals import outcome_of, record_approval
+
+    if args.dsn:
+        dsn, schema = args.dsn, args.schema
+    else:
+        info = _stack_info(args.data_dir)
+        dsn, schema = info["postgres_dsn"], info["db_schema"]
+    settings = PostgresSettings(dsn=dsn, db_schema=schema, pool_min_size=0)
+    pool = await db.create_pool(settings)
+    try:
+        approval_id = await record_approval(
+            pool,
+            args.route,
+            approved_by=args.by or getpass.getuser(),
+            version_id=args.version or None,
+            reason=args.reason,
+        )
+        _print(f"approval {approval_id} recorded for route {args.route}")
+        deadline = asyncio.get_running_loop().time() + args.wait
+        outcome = await outcome_of(pool, approval_id)
+        while outcome is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.5)
+            outcome = await outcome_of(pool, approval_id)
+    finally:
+        await pool.close()
+    if outcome is None:
+        _print("the trainer has not applied it yet; it will on its next poll")
+    else:
+        _print(f"the trainer applied it: {outcome}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     parser.add_argument("--data-dir", default=".data", help="where local state lives")
@@ -252,6 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
         manual.add_argument("--reason", default=f"manual {name}")
         manual.add_argument("--address", default="", help="trainer gRPC host:port")
         manual.add_argument("--token", default="", help="control-plane token")
+
+    approve = commands.add_parser(
+        "approve",
+        help="approve what waits on a route under the `approve` rollout policy",
+    )
+    approve.add_argument("route")
+    approve.add_argument("--version", default="", help="only this model version")
+    approve.add_argument("--reason", default="")
+    approve.add_argument("--by", default="", help="who approves (default: you)")
+    approve.add_argument(
+        "--dsn", default="", help="PostgreSQL DSN (default: the running stack's)"
+    )
+    approve.add_argument("--schema", default="flywheel")
+    approve.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to wait for the outcome"
+    )
     return parser
 
 
@@ -264,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "db": cmd_migrate,
         "promote": cmd_manual,
         "rollback": cmd_manual,
+        "approve": cmd_approve,
     }
     try:
         return asyncio.run(handlers[args.command](args))

@@ -189,6 +189,9 @@ class Pipeline:
             max_holdout_regression=settings.staging.max_holdout_regression,
             min_trained_gain=settings.staging.min_trained_gain,
             max_tokens=settings.staging.max_tokens,
+            api_keys={
+                settings.openai.base_url: settings.openai.api_key.get_secret_value()
+            },
         )
         timings["staging_s"] = loop.time() - started
         await self._registry.set_scores(candidate.version_id, verdict.as_scores())

@@ -129,13 +129,14 @@ async def mean_score(
     prompts: list[tuple[list[dict[str, Any]], list[str]]],
     scorer: Scorer,
     max_tokens: int,
+    api_key: str = "unused",
 ) -> float:
     """The mean score of `version`'s greedy answers to `prompts`."""
     if not prompts:
         return 0.0
     total = 0.0
     async with AsyncOpenAI(
-        base_url=version.upstream_url, api_key="unused", timeout=60, max_retries=2
+        base_url=version.upstream_url, api_key=api_key, timeout=60, max_retries=2
     ) as client:
         for prompt, references in prompts:
             text = await answer(client, version, prompt, max_tokens)
@@ -155,6 +156,7 @@ async def evaluate(
     max_tokens: int,
     scorer: Scorer | None = None,
     seed: int = 0,
+    api_keys: dict[str, str] | None = None,
 ) -> StagingResult:
     """Both models answer sampled trained and held-out prompts; apply the gate."""
     scorer = scorer or ReferenceMatchScorer()
@@ -163,12 +165,16 @@ async def evaluate(
     held = list(group_by_prompt(holdout).values())
     trained = rng.sample(trained, min(max_prompts, len(trained)))
     held = rng.sample(held, min(max_prompts, len(held)))
+    # The key each upstream wants (by base URL); a local server wants none.
+    keys = api_keys or {}
+    cand_key = keys.get(candidate.upstream_url, "unused")
+    prod_key = keys.get(production.upstream_url, "unused")
     try:
         scores = await asyncio.gather(
-            mean_score(candidate, trained, scorer, max_tokens),
-            mean_score(production, trained, scorer, max_tokens),
-            mean_score(candidate, held, scorer, max_tokens),
-            mean_score(production, held, scorer, max_tokens),
+            mean_score(candidate, trained, scorer, max_tokens, cand_key),
+            mean_score(production, trained, scorer, max_tokens, prod_key),
+            mean_score(candidate, held, scorer, max_tokens, cand_key),
+            mean_score(production, held, scorer, max_tokens, prod_key),
         )
     except OpenAIError as error:
         return StagingResult(
