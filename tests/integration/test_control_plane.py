@@ -162,3 +162,42 @@ async def test_calls_without_the_token_are_refused(control_plane):
 
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_guardrail_breach_rolls_back_mid_rollout_and_records_the_numbers(
+    control_plane,
+):
+    settings, registry, controller = control_plane
+    candidate = await stage_candidate(registry)
+    rollout = await controller.start(candidate, [5, 25, 50])
+    breach = verdict(f"{rollout.rollout_id}-s1", pb.DECISION_ROLL_BACK)
+    breach.reason = "guardrail: error rate 0.31 above 0.05"
+    breach.srm_p_value = 0.4
+
+    async with open_channel(settings) as channel:
+        stub = pb_grpc.RolloutServiceStub(channel)
+        meta = auth_metadata(settings)
+        advanced = await stub.ReportVerdict(
+            verdict(f"{rollout.rollout_id}-s0", pb.DECISION_PROMOTE), metadata=meta
+        )
+        rolled = await stub.ReportVerdict(breach, metadata=meta)
+        late = await stub.ReportVerdict(
+            verdict(f"{rollout.rollout_id}-s1", pb.DECISION_PROMOTE), metadata=meta
+        )
+
+    assert (advanced.action, rolled.action, late.action) == (
+        "advanced",
+        "rolled_back",
+        "ignored",
+    )
+    table = await registry.routing_table()
+    assert table.version == rolled.routing_version
+    assert [v.name for v in table.routes[ROUTE].variants] == [f"{ROUTE}-v1"]
+    assert (await registry.version(candidate.version_id)).state == "rolled_back"
+    assert (await registry.rollout(rollout.rollout_id)).state == "rolled_back"
+    last = (await registry.decisions(ROUTE))[-1]
+    assert (last["action"], last["source"]) == ("rolled_back", "analyzer")
+    assert last["reason"] == breach.reason
+    assert last["verdict"]["lift"] == 0.2
+    assert last["verdict"]["srm_p_value"] == 0.4
+    assert last["routing_version"] == rolled.routing_version
