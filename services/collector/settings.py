@@ -25,7 +25,9 @@ class CollectorSettings(ServiceSettings):
 
     group_id: str = "collector"
     client_id: str = "flywheel-collector"
-    max_batch_size: int = Field(default=500, ge=1, le=50_000)
+    # Each batch is one PostgreSQL transaction (one WAL flush) and one offset
+    # commit: larger batches amortize both; a crash replays at most one batch.
+    max_batch_size: int = Field(default=2000, ge=1, le=50_000)
     batch_timeout_ms: int = Field(default=500, ge=1, le=60_000)
     # Larger records are dead-lettered unread (reason `oversized_payload`).
     max_payload_bytes: int = Field(default=MIB, ge=1024)

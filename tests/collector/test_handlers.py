@@ -250,3 +250,25 @@ def test_as_utc_naive_datetime_is_taken_as_utc() -> None:
     naive = datetime(2025, 1, 1, 12, 0)
 
     assert as_utc(naive) == datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "literal", [b"NaN", b"Infinity", b"-Infinity"], ids=["nan", "inf", "-inf"]
+)
+def test_parse_record_non_finite_literal_is_invalid_json(literal: bytes) -> None:
+    value = as_bytes(feedback_data(extra=["PLACEHOLDER"]))
+    value = value.replace(b'"PLACEHOLDER"', literal)
+
+    outcome = parse(EventKind.FEEDBACK, value)
+
+    assert isinstance(outcome, Rejection)
+    assert outcome.reason is RejectReason.INVALID_JSON
+
+
+def test_parse_record_escaped_backslash_before_u0000_is_not_a_nul() -> None:
+    data = feedback_data(kind="comment", value=None, text="C:\\u0000 NaN")
+
+    event = parse(EventKind.FEEDBACK, as_bytes(data))
+
+    assert isinstance(event, Feedback)
+    assert event.text == "C:\\u0000 NaN"
