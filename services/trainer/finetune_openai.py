@@ -144,9 +144,9 @@ class OpenAIFineTuner:
         if job.status == "cancelled":
             raise FineTuneCancelledError(f"job {job_id} was cancelled")
         if job.status == "failed":
-            error = job.error
-            code = error.code if error else "unknown"
-            message = error.message if error else "no error given"
+            failure = job.error
+            code = failure.code if failure else "unknown"
+            message = failure.message if failure else "no error given"
             # A file OpenAI refused will be refused again: no retry for those.
             raise TrainingFailedError(
                 f"job {job_id} failed: {code}: {message}",

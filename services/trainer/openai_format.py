@@ -111,7 +111,7 @@ def _check_message(
                     f"{where} has weight {message['weight']!r}, expected 0 or 1",
                 )
             )
-    return role  # type: ignore[no-any-return]
+    return role if isinstance(role, str) else None
 
 
 def _check_order(line: int, roles: list[str | None], found: list[Violation]) -> None:

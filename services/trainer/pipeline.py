@@ -82,7 +82,7 @@ class Pipeline:
             return approx_tokens
         try:
             return await self._counter
-        except (OSError, ValueError, ImportError) as error:
+        except Exception as error:  # noqa: BLE001 - any failure: fall back, logged
             logger.warning(
                 "tokenizer unavailable, counting tokens approximately: %r", error
             )
@@ -268,7 +268,9 @@ class Pipeline:
     async def _retry_delay_s(self) -> float:
         settings = self._settings
         failed = await runs.failed_attempts(self._registry.pool, settings.route)
-        delay_s = min(settings.retry_max_s, settings.retry_base_s * 2 ** (failed - 1))
+        delay_s = min(
+            settings.retry_max_s, settings.retry_base_s * 2.0 ** max(0, failed - 1)
+        )
         logger.warning(
             "training run failed attempt=%d of %d retry_in_s=%.1f",
             failed,
