@@ -148,6 +148,8 @@ class Stack:
                 "TOKENIZERS_PARALLELISM": "false",
                 "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
                 "FLYWHEEL_KAFKA__TOPIC_PREFIX": self.options.topic_prefix,
+                # One record per batch: see KafkaSettings.producer_max_batch_bytes.
+                "FLYWHEEL_KAFKA__PRODUCER_MAX_BATCH_BYTES": "1",
                 "FLYWHEEL_POSTGRES__DSN": self.postgres.dsn,
                 "FLYWHEEL_POSTGRES__DB_SCHEMA": self.options.db_schema,
                 "FLYWHEEL_CONTROL__ADDRESS": self.control_address,
@@ -225,6 +227,7 @@ class Stack:
                 {
                     "FLYWHEEL_GATEWAY_PORT": str(p["gateway"]),
                     "FLYWHEEL_GATEWAY_PSEUDONYM_KEY": self.pseudonym_key,
+                    "FLYWHEEL_GATEWAY_SPOOL_DIR": str(data / "gateway-spool"),
                 },
                 ready_url=f"http://127.0.0.1:{p['gateway']}/healthz",
             ),

@@ -107,6 +107,7 @@ def make_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProduce
         acks="all",
         enable_idempotence=settings.enable_idempotence,
         linger_ms=5,
+        max_batch_size=settings.producer_max_batch_bytes,
         compression_type=None,
     )
 

@@ -35,6 +35,11 @@ class KafkaSettings(BaseModel):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     request_timeout_s: float = Field(default=30.0, gt=0)
+    # Largest record batch a producer builds. NOTE: Tansu 0.6.0 (the embedded
+    # broker) reports a partition's end offset as its last batch's first offset + 1,
+    # so consumers do not see the tail of a multi-record batch until more arrives;
+    # the embedded stack sets 1 (one record per batch). Real Kafka needs no change.
+    producer_max_batch_bytes: int = Field(default=16_384, ge=1)
 
     @field_validator("topic_prefix")
     @classmethod

@@ -18,6 +18,7 @@ from services.gateway.api import GatewayApi
 from services.gateway.proxy import UpstreamClient, make_http_client
 from services.gateway.publisher import EventPublisher
 from services.gateway.settings import DEV_PSEUDONYM_KEY, GatewaySettings
+from services.gateway.spool import Spool
 from services.gateway.tables import StaticTableSource, TableSource, WatchedTableSource
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,17 @@ class App:
             connect_timeout_s=settings.upstream_connect_timeout_s,
             max_connections=settings.upstream_max_connections,
         )
+        spool = (
+            Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)
+            if settings.spool_dir is not None
+            else None
+        )
         self.publisher = EventPublisher(
             producer or make_producer(settings.kafka, client_id="flywheel-gateway"),
             queue_size=settings.publish_queue_size,
             batch_size=settings.publish_batch_size,
+            spool=spool,
+            fsync_interval_s=settings.spool_fsync_interval_s,
         )
         self.api = GatewayApi(
             settings,
@@ -96,7 +104,10 @@ class App:
             )
             sock = self._bind()
             async with asyncio.TaskGroup() as tasks:
-                publishing = tasks.create_task(self.publisher.publish_loop())
+                background = [tasks.create_task(self.publisher.publish_loop())]
+                if self.settings.spool_dir is not None:
+                    background.append(tasks.create_task(self.publisher.replay_loop()))
+                    background.append(tasks.create_task(self.publisher.sync_loop()))
                 tasks.create_task(self.tables.run(self._stop))
                 try:
                     # Serve until asked to stop; uvicorn lets in-flight requests end.
@@ -105,7 +116,8 @@ class App:
                     # Flush what the last requests published, then end the siblings.
                     self._stop.set()
                     await self.publisher.flush(self.settings.flush_timeout_s)
-                    publishing.cancel()
+                    for task in background:
+                        task.cancel()
         finally:
             # Close the clients, even after a failure.
             await self.close()

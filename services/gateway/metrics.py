@@ -38,12 +38,29 @@ EVENTS_PUBLISHED = Counter(
 )
 EVENTS_DROPPED = Counter(
     "flywheel_gateway_events_dropped_total",
-    "Events lost: the publish queue was full, or the broker refused the batch.",
+    "Events lost: queue or spool full, or the broker refused them with no spool.",
     ["topic", "reason"],
     registry=REGISTRY,
 )
 PUBLISH_QUEUE_DEPTH = Gauge(
     "flywheel_gateway_publish_queue_depth",
     "Events waiting in memory to be sent to the broker.",
+    registry=REGISTRY,
+)
+EVENTS_SPOOLED = Counter(
+    "flywheel_gateway_events_spooled_total",
+    "Events written to the local spool because the broker did not take them.",
+    ["topic"],
+    registry=REGISTRY,
+)
+EVENTS_REPLAYED = Counter(
+    "flywheel_gateway_events_replayed_total",
+    "Spooled events the broker later acknowledged.",
+    ["topic"],
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "flywheel_gateway_spool_bytes",
+    "Bytes of events waiting in the local spool.",
     registry=REGISTRY,
 )

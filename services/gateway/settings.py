@@ -68,6 +68,11 @@ class GatewaySettings(ServiceSettings):
     max_batch_items: int = Field(default=1000, ge=1)
 
     publish_queue_size: int = Field(default=10_000, ge=1)
+    # Where events wait on disk while the broker does not take them (none: they are
+    # dropped and counted). Replayed in order, also after a restart.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    spool_fsync_interval_s: float = Field(default=0.2, gt=0)
     publish_batch_size: int = Field(default=500, ge=1)
     flush_timeout_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=30.0, gt=0)
