@@ -123,7 +123,7 @@ async def test_what_a_killed_gateway_spooled_is_replayed_on_restart(
 ):
     settings = await declare(own_broker)
     spool_dir = tmp_path / "spool"
-    writer = subprocess.Popen(
+    writer = subprocess.Popen(  # noqa: ASYNC220 - its pipes are read line by line
         [
             sys.executable,
             "-m",
