@@ -282,7 +282,12 @@ class RolloutController:
         """Apply every unhandled approval; (approval id, outcome) for each."""
         applied = []
         for approval in await approvals.unhandled(self._registry.pool):
-            outcome = await self._apply(approval)
+            try:
+                outcome = await self._apply(approval)
+            except (LookupError, ValueError, asyncpg.PostgresError) as error:
+                # Marked handled with the reason: a broken approval is not retried
+                # forever; the person approves again once the cause is fixed.
+                outcome = f"failed: {error}"
             await approvals.mark_handled(
                 self._registry.pool, approval.approval_id, outcome
             )
