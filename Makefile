@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DATA ?= .data
 
-.PHONY: install proto schemas up demo test test-unit lint typecheck check bench clean
+.PHONY: install proto schemas dashboards up demo test test-unit lint typecheck check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ proto: install
 schemas: install
 	$(PY) -m services.common.schemas proto/schemas
 
+dashboards: install
+	$(PY) -m deploy.grafana.build
+
 up: install
 	$(VENV)/bin/flywheel up --data-dir $(DATA)
 
@@ -43,8 +46,8 @@ test-unit: install
 	$(PY) -m pytest -q -m "not integration and not e2e and not model"
 
 lint: install
-	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/ruff check services tests bench deploy
+	$(VENV)/bin/ruff format --check services tests bench deploy
 
 typecheck: install
 	$(VENV)/bin/mypy services

@@ -137,6 +137,16 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_report(args: argparse.Namespace) -> int:
+    """`flywheel report --since 7d`: HTML with PNG charts from PostgreSQL."""
+    from services.report.__main__ import run
+
+    if not args.dsn and (Path(args.data_dir) / STACK_FILE).exists():
+        info = _stack_info(args.data_dir)
+        args.dsn, args.schema = info["postgres_dsn"], args.schema or info["db_schema"]
+    return await asyncio.to_thread(run, args)
+
+
 async def cmd_migrate(args: argparse.Namespace) -> int:
     from services.common import db
     from services.common.settings import PostgresSettings
@@ -278,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("status", help="what runs, topic lag, rows, routing table")
 
+    from services.report.__main__ import add_arguments as add_report_arguments
+
+    report = commands.add_parser(
+        "report", help="KPIs per model version and decided experiments (HTML + PNG)"
+    )
+    add_report_arguments(report)
+
     database = commands.add_parser("db", help="database commands")
     db_commands = database.add_subparsers(dest="db_command", required=True)
     migrate = db_commands.add_parser("migrate", help="apply pending migrations")
@@ -315,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "up": cmd_up,
         "demo": cmd_demo,
         "status": cmd_status,
+        "report": cmd_report,
         "db": cmd_migrate,
         "promote": cmd_manual,
         "rollback": cmd_manual,
