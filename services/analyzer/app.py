@@ -77,7 +77,10 @@ def faust_options(settings: AnalyzerSettings) -> dict[str, Any]:
                 kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
             ),
             mechanism=kafka.sasl_mechanism,
+            ssl_context=kafka.ssl_context(),
         )
+    elif kafka.uses_tls:
+        options["broker_credentials"] = faust.SSLCredentials(kafka.ssl_context())
     return options
 
 

@@ -10,6 +10,7 @@ without the service prefix (`FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`), which is what
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
@@ -34,6 +35,10 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # CA bundle (and optional client certificate) for SSL and SASL_SSL.
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     request_timeout_s: float = Field(default=30.0, gt=0)
     # Largest record batch a producer builds. NOTE: Tansu 0.6.0 (the embedded
     # broker) reports a partition's end offset as its last batch's first offset + 1,
@@ -50,6 +55,21 @@ class KafkaSettings(BaseModel):
             raise ValueError(f"topic_prefix must be lowercase, got {value!r}")
         return value
 
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for SSL and SASL_SSL (system CAs unless a CA file is set)."""
+        if not self.uses_tls:
+            return None
+        from aiokafka.helpers import create_ssl_context
+
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+        )
+        return context
+
     def client_options(self) -> dict[str, Any]:
         """Connection options common to aiokafka producers, consumers and admins."""
         options: dict[str, Any] = {
@@ -57,6 +77,8 @@ class KafkaSettings(BaseModel):
             "security_protocol": self.security_protocol,
             "request_timeout_ms": int(self.request_timeout_s * 1000),
         }
+        if self.uses_tls:
+            options["ssl_context"] = self.ssl_context()
         if self.sasl_mechanism:
             options["sasl_mechanism"] = self.sasl_mechanism
             options["sasl_plain_username"] = self.sasl_username

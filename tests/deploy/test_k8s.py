@@ -294,13 +294,6 @@ def test_jobs_environment_names_kafka_and_postgres_fields(overlay: str) -> None:
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="KafkaSettings has no TLS fields and passes no ssl_context, which aiokafka "
-    "requires for SASL_SSL: the prod overlay's Kafka clients cannot start until "
-    "services/common/settings.py grows them (see docs/deploy.md)",
-)
 async def test_prod_kafka_settings_build_a_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
