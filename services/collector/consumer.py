@@ -9,6 +9,7 @@ event_id key turns the replay into counted duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -56,6 +57,16 @@ class Sorted:
     rejected: list[tuple[Record, Rejection]]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A fetched batch after validation, ready to be stored and committed."""
+
+    batch: Batch
+    size: int
+    sorted_batch: Sorted
+    started: float
+
+
 class EventConsumer:
     """Consumes interactions and feedback in batches until the stop event is set."""
 
@@ -80,47 +91,71 @@ class EventConsumer:
         self.totals: Counter[str] = Counter()
 
     async def consume_loop(self, stop: asyncio.Event) -> None:
-        """Process batches until `stop` is set; the batch in hand is finished first."""
-        while not stop.is_set():
-            batch = await self._consumer.getmany(
-                timeout_ms=self._settings.batch_timeout_ms,
-                max_records=self._settings.max_batch_size,
-            )
-            self._maybe_log_assignment()
-            if batch:
-                try:
-                    await self.process_batch(batch, stop)
-                except BatchAbandonedError:
-                    logger.warning(
-                        "batch abandoned uncommitted at stop; it will replay"
-                    )
-                    return
-            await self._update_lag()
+        """Process batches until `stop` is set; the batch in hand is finished first.
+
+        Two batches overlap: the next one is fetched and validated (CPU) while the
+        previous one is stored and committed (waiting on PostgreSQL and Kafka). Only
+        one batch is ever being stored or committed, so offsets still move in order
+        and only past stored rows.
+        """
+        in_flight: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                batch = await self._consumer.getmany(
+                    timeout_ms=self._settings.batch_timeout_ms,
+                    max_records=self._settings.max_batch_size,
+                )
+                self._maybe_log_assignment()
+                if batch:
+                    prepared = self.prepare_batch(batch)
+                    if in_flight is not None:
+                        await in_flight
+                    in_flight = asyncio.create_task(self.finish_batch(prepared, stop))
+                elif in_flight is not None:
+                    await in_flight
+                    in_flight = None
+                await self._update_lag()
+            if in_flight is not None:
+                await in_flight
+        except BatchAbandonedError:
+            logger.warning("batch abandoned uncommitted at stop; it will replay")
+        finally:
+            if in_flight is not None and not in_flight.done():
+                # Cancelled from outside (a crash, in effect): nothing more is
+                # committed, and the uncommitted batches replay on restart.
+                in_flight.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BatchAbandonedError):
+                    await in_flight
 
     async def process_batch(self, batch: Batch, stop: asyncio.Event) -> None:
         """Validate, store, dead-letter and commit one batch, in that order."""
-        started = time.monotonic()
+        await self.finish_batch(self.prepare_batch(batch), stop)
+
+    def prepare_batch(self, batch: Batch) -> Prepared:
+        """The pure part of a batch: count it and sort its records (no I/O)."""
         records = [record for partition in batch.values() for record in partition]
         for record in records:
             metrics.EVENTS_CONSUMED.labels(record.topic).inc()
+        return Prepared(batch, len(records), self._sort(records), time.monotonic())
 
-        # 1. Pure validation: each record becomes an event or a rejection.
-        sorted_batch = self._sort(records)
+    async def finish_batch(self, prepared: Prepared, stop: asyncio.Event) -> None:
+        """Store, dead-letter and commit a prepared batch, in that order."""
+        sorted_batch = prepared.sorted_batch
 
-        # 2. Store the events; rows PostgreSQL itself refuses join the rejections.
+        # 1. Store the events; rows PostgreSQL itself refuses join the rejections.
         refused = await self._retry(
             lambda: self._store_events(sorted_batch.accepted), stop
         )
 
-        # 3. Dead letters acknowledged before the offsets move past them.
+        # 2. Dead letters acknowledged before the offsets move past them.
         rejected = sorted_batch.rejected + refused
         await self._retry(lambda: self._publish_dead_letters(rejected), stop)
 
-        # 4. Commit the next offset of every partition in the batch.
-        await self._retry(lambda: self._commit(batch), stop)
-        self.totals.update(batches=1, consumed=len(records))
-        metrics.BATCH_SIZE.observe(len(records))
-        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
+        # 3. Commit the next offset of every partition in the batch.
+        await self._retry(lambda: self._commit(prepared.batch), stop)
+        self.totals.update(batches=1, consumed=prepared.size)
+        metrics.BATCH_SIZE.observe(prepared.size)
+        metrics.BATCH_SECONDS.observe(time.monotonic() - prepared.started)
 
     def _sort(self, records: Sequence[Record]) -> Sorted:
         accepted: list[tuple[Record, Event]] = []
