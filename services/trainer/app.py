@@ -63,7 +63,7 @@ class App:
         )
         await broadcast.publish(await registry.routing_table())
         if settings.metrics_port:
-            start_http_server(settings.metrics_port, addr="127.0.0.1")
+            start_http_server(settings.metrics_port, addr=settings.metrics_host)
 
         # Serve the control plane, follow the database, run the scheduler.
         server = await start_control_server(

@@ -70,6 +70,7 @@ class TrainerSettings(ServiceSettings):
     control: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9103, ge=0, le=65535)
 
     # The route seeded into an empty registry, served by the base model.
