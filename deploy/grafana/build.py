@@ -408,9 +408,18 @@ def pipeline() -> db.Dashboard:
         )
         .with_panel(
             graph(
+                "Gateway spool",
+                "Bytes of events waiting on each gateway's disk for the broker; they "
+                "are replayed in order once it takes them again.",
+                "bytes",
+                (f"sum by (instance) ({gateway}_spool_bytes)", "{{instance}}"),
+            )
+        )
+        .with_panel(
+            graph(
                 "Gateway events published and dropped",
-                "Events the broker acknowledged, and events lost (queue full or the "
-                "broker refused the batch).",
+                "Events the broker acknowledged, and events lost (queue or spool "
+                "full, or the broker refused them with no spool).",
                 "short",
                 (
                     f"sum by (topic) (rate({gateway}_events_published_total[{RATE}]))",
