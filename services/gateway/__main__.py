@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 
 from services.common.lifecycle import install_stop_signals
 from services.common.logs import configure_logging
@@ -17,10 +18,20 @@ async def _run(settings: GatewaySettings) -> None:
     await App(settings).run(stop)
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (several times faster), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main() -> int:
     settings: GatewaySettings = GatewaySettings.load()
     configure_logging(settings.logging, service="gateway")
-    asyncio.run(_run(settings))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_run(settings))
     return 0
 
 

@@ -194,7 +194,7 @@ class ChatEndpoint:
             response = json_response(answer, headers=headers)
         self._observe_upstream(call, upstream_started_s)
         # The event is built and queued after the response is sent.
-        response.background = BackgroundTask(self.finish, call)
+        response.background = BackgroundTask(self.finish_async, call)
         return response
 
     async def _stream(self, call: _Call) -> Response:
@@ -207,7 +207,7 @@ class ChatEndpoint:
             call.status_code = error.status_code
             call.fail(error)
             response = error_response(error, headers)
-            response.background = BackgroundTask(self.finish, call)
+            response.background = BackgroundTask(self.finish_async, call)
             return response
         finally:
             self._observe_upstream(call, upstream_started_s)
@@ -254,6 +254,11 @@ class ChatEndpoint:
         UPSTREAM_SECONDS.labels(
             route=call.route.name, variant=call.variant.name
         ).observe(time.perf_counter() - upstream_started_s)
+
+    async def finish_async(self, call: _Call) -> None:
+        """`finish` as a coroutine: Starlette runs a plain function of a background
+        task in a thread pool, a thread hop per request for no blocking work."""
+        self.finish(call)
 
     def finish(self, call: _Call) -> None:
         """Record a call, exactly once: its metrics and its Interaction event."""
