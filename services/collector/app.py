@@ -52,6 +52,7 @@ class App:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._intake_task(intake))
                 tasks.create_task(self._orphan_loop(store))
+                tasks.create_task(self._partition_loop(store))
                 tasks.create_task(self._report_loop(intake))
 
         logger.info("collector stopped %s", describe_totals(intake.totals))
@@ -105,6 +106,25 @@ class App:
             except CollectorError as error:
                 logger.warning("orphan feedback not counted: %s", error)
             await wait_or_stop(self.stopping, self.settings.orphan_refresh_s)
+
+    async def _partition_loop(self, store: EventStore) -> None:
+        settings = self.settings
+        while not self.stopping.is_set():
+            try:
+                created = await store.ensure_partitions(settings.partition_days_ahead)
+                dropped = 0
+                if settings.retention_days > 0:
+                    dropped = await store.drop_expired(settings.retention_days)
+                if created or dropped:
+                    logger.info(
+                        "event partitions created=%d dropped=%d retention_days=%d",
+                        created,
+                        dropped,
+                        settings.retention_days,
+                    )
+            except CollectorError as error:
+                logger.warning("event partitions not maintained: %s", error)
+            await wait_or_stop(self.stopping, settings.partition_refresh_s)
 
     async def _report_loop(self, intake: EventConsumer) -> None:
         while not await wait_or_stop(self.stopping, self.settings.report_interval_s):

@@ -49,3 +49,12 @@ class CollectorSettings(ServiceSettings):
     # (an index range scan instead of the whole table); 0 checks every row.
     orphan_window_s: float = Field(default=86_400.0, ge=0)
     report_interval_s: float = Field(default=60.0, gt=0)
+
+    # Interactions and feedback are partitioned by UTC day of storage: partitions are
+    # created this many days ahead, at start and every partition_refresh_s.
+    partition_days_ahead: int = Field(default=7, ge=1, le=366)
+    # Stored events (and their de-duplication keys) older than this many days are
+    # dropped; 0 keeps everything. Keep Kafka's retention shorter, or an event
+    # replayed after it expired is stored again.
+    retention_days: int = Field(default=0, ge=0)
+    partition_refresh_s: float = Field(default=3600.0, gt=0)

@@ -47,10 +47,9 @@ class RowRefusedError(CollectorError):
     retriable = False
 
 
-def _unnest_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
-    # One array parameter per column; jsonb travels as text and is cast here.
-    # Without a conflict target, DO NOTHING skips a row that collides on any unique
-    # constraint: the event_id key, and for interactions the interaction_id too.
+def _unnest_batch(columns: Sequence[str], types: Sequence[str]) -> str:
+    # One array parameter per column; jsonb travels as text and is cast here. A
+    # batch may repeat an event (a producer's retry): one row per event_id, the first.
     arrays = ", ".join(
         f"${index}::{'text' if kind == 'jsonb' else kind}[]"
         for index, kind in enumerate(types, 1)
@@ -60,17 +59,49 @@ def _unnest_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> 
         for column, kind in zip(columns, types, strict=True)
     )
     names = ", ".join(columns)
-    # Table, column and type names are this module's constants, never input.
+    # The first of the repeats (in Kafka order) wins, as it would across batches.
     return (
-        f"INSERT INTO {table} ({names}) SELECT {selected} "  # noqa: S608 (constants)
-        f"FROM unnest({arrays}) AS batch ({names}) ON CONFLICT DO NOTHING"
+        f"SELECT DISTINCT ON (event_id) {selected}, position "  # noqa: S608 (constants)
+        f"FROM unnest({arrays}) WITH ORDINALITY AS batch ({names}, position) "
+        "ORDER BY event_id, position"
     )
 
 
-INSERT_INTERACTIONS = _unnest_insert(
+def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
+    """One statement that claims each event's keys and inserts the rows it claimed.
+
+    The tables are partitioned by time, so their own keys cannot be event_id alone:
+    `event_keys` (and for interactions `interaction_keys`) hold the unique keys.
+    A row is inserted only when its key was new; a concurrent claim of the same key
+    (two collectors during a rebalance) waits for the other transaction and then
+    counts as a duplicate. The command tag counts the rows inserted.
+    """
+    names = ", ".join(columns)
+    claims = (
+        f"WITH batch AS ({_unnest_batch(columns, types)}), "  # noqa: S608 (constants)
+        "new_events AS (INSERT INTO event_keys (event_id) SELECT event_id FROM batch"
+        " ON CONFLICT DO NOTHING RETURNING event_id)"
+    )
+    if table == "feedback":
+        source = "batch JOIN new_events USING (event_id)"
+    else:
+        claims += (
+            ", candidates AS (SELECT DISTINCT ON (interaction_id) batch.* FROM batch"
+            " JOIN new_events USING (event_id) ORDER BY interaction_id, position),"
+            " new_interactions AS (INSERT INTO interaction_keys (interaction_id)"
+            " SELECT interaction_id FROM candidates ON CONFLICT DO NOTHING"
+            " RETURNING interaction_id)"
+        )
+        source = "candidates JOIN new_interactions USING (interaction_id)"
+    # Table and column names are this module's constants, never input.
+    insert = f"INSERT INTO {table} ({names}) SELECT {names}"  # noqa: S608 (constants)
+    return f"{claims} {insert} FROM {source}"
+
+
+INSERT_INTERACTIONS = keyed_insert(
     "interactions", INTERACTION_COLUMNS, INTERACTION_TYPES
 )
-INSERT_FEEDBACK = _unnest_insert("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES)
+INSERT_FEEDBACK = keyed_insert("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES)
 
 COUNT_ORPHANS_SINCE = """
 SELECT count(*) FROM feedback AS f
@@ -111,6 +142,21 @@ class EventStore:
         except Exception as error:
             raise _wrap(error) from error
         return stored_interactions, stored_feedback
+
+    async def ensure_partitions(self, days_ahead: int) -> int:
+        """Create the day partitions from today to `days_ahead`; how many were new."""
+        return await self._call("SELECT ensure_event_partitions($1)", days_ahead)
+
+    async def drop_expired(self, keep_days: int) -> int:
+        """Apply the retention; how many day partitions were dropped."""
+        return await self._call("SELECT drop_expired_event_data($1)", keep_days)
+
+    async def _call(self, query: str, argument: int) -> int:
+        try:
+            async with self._pool.acquire() as connection:
+                return int(await connection.fetchval(query, argument))
+        except Exception as error:
+            raise _wrap(error) from error
 
     async def count_orphan_feedback(self, window_s: float) -> int:
         """Feedback rows without a stored interaction (stored within the window)."""
