@@ -30,10 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.embedded import EmbeddedBroker, free_port, stop_process
@@ -164,10 +164,9 @@ def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float) -
         if process.poll() is not None:
             raise RuntimeError(f"{process.args} exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
@@ -175,8 +174,7 @@ def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout_s: float) -
 
 def gateway_counts(url: str) -> dict[str, float]:
     """Requests answered and interaction events acknowledged, from /metrics."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = httpx.get(f"{url}/metrics", timeout=5, trust_env=False).text
     counts = {"requests": 0.0, "published": 0.0, "dropped": 0.0, "spooled": 0.0}
     names = {
         "flywheel_gateway_requests": "requests",
@@ -224,8 +222,12 @@ class Bench:
         stub = self._spawn(
             pin(
                 self.args.load_cpus,
-                [self.args.stub_python, str(PEERBENCH / "stub.py"), "--port",
-                 str(stub_port)],
+                [
+                    self.args.stub_python,
+                    str(PEERBENCH / "stub.py"),
+                    "--port",
+                    str(stub_port),
+                ],
             ),  # fmt: skip
             "stub",
         )
@@ -300,7 +302,9 @@ def wait_all_published(url: str) -> dict[str, float]:
 def measure(args: argparse.Namespace, direct: Target, gateway: Target) -> list[Run]:
     for target in (direct, gateway):  # warm-up, not recorded
         for mode in args.modes:
-            run_wrk(target, mode, 0, argparse.Namespace(**{**vars(args), "duration": 3}))
+            run_wrk(
+                target, mode, 0, argparse.Namespace(**{**vars(args), "duration": 3})
+            )
     runs = []
     for mode in args.modes:
         for rate in args.rates:

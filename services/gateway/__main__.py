@@ -19,7 +19,7 @@ async def _run(settings: GatewaySettings) -> None:
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (several times faster), else asyncio's."""
+    """uvloop's event loop when installed (several times faster), else asyncio's."""
     try:
         import uvloop
     except ImportError:

@@ -17,7 +17,11 @@ from services.gateway.chat import (
     error_response,
     json_response,
 )
-from services.gateway.errors import GatewayError
+from services.gateway.errors import (
+    GatewayError,
+    InteractionIdTakenError,
+    InteractionNotFoundError,
+)
 from services.gateway.handlers import parse_json_object
 from services.gateway.intake import (
     FeedbackIn,
@@ -26,7 +30,7 @@ from services.gateway.intake import (
     build_logged_interaction,
     parse_items,
 )
-from services.gateway.metrics import REGISTRY
+from services.gateway.metrics import FEEDBACK_REFUSED, REGISTRY
 from services.gateway.proxy import UpstreamClient
 from services.gateway.publisher import EventPublisher
 from services.gateway.settings import GatewaySettings
@@ -88,10 +92,7 @@ class GatewayApi:
             model=FeedbackIn,
             max_items=self._settings.max_batch_items,
         )
-        # TODO: refuse feedback on another project's interaction. That needs a lookup
-        # of the interaction's project (the collector's store, or a cache of recent
-        # ids); meanwhile a key can rate any interaction id it knows, and the event
-        # carries the rater's project so consumers can tell.
+        self._check_owners(items, project_id)
         fallback_user = request.headers.get("x-flywheel-user")
         event_ids = []
         for item in items:
@@ -101,11 +102,40 @@ class GatewayApi:
                 fallback_user=fallback_user,
                 pseudonym_key=self._pseudonym_key,
             )
-            self._publisher.publish(
-                self._topics.feedback, str(event.interaction_id), event
-            )
+            owner = self._gatekeeper.recent.owner(event.interaction_id)
+            if owner is None or owner == project_id:
+                self._publisher.publish(
+                    self._topics.feedback, str(event.interaction_id), event
+                )
+            else:
+                # Accepted like an unknown id, so the answer tells nothing; never
+                # published, so nothing is written into the other project.
+                FEEDBACK_REFUSED.labels(reason="other_project").inc()
+                logger.warning(
+                    "feedback for another project's interaction not published "
+                    "project=%s interaction_id=%s",
+                    project_id,
+                    event.interaction_id,
+                )
             event_ids.append(str(event.event_id))
         return json_response({"event_ids": event_ids}, 202)
+
+    def _check_owners(self, items: list[FeedbackIn], project_id: str) -> None:
+        """In "refuse" mode: 404 unless this project owns every rated interaction.
+
+        An unknown id and another project's id get the same answer.
+        """
+        if self._settings.unknown_interaction_feedback != "refuse":
+            return
+        for index, item in enumerate(items):
+            if self._gatekeeper.recent.owner(item.interaction_id) != project_id:
+                FEEDBACK_REFUSED.labels(reason="not_found").inc()
+                raise InteractionNotFoundError(
+                    f"no interaction {item.interaction_id} for this API key",
+                    param=f"feedback[{index}].interaction_id"
+                    if len(items) > 1
+                    else "interaction_id",
+                )
 
     async def log_interactions(self, request: Request) -> Response:
         """Accept interactions an application made itself; 202 with their ids."""
@@ -117,6 +147,14 @@ class GatewayApi:
             model=InteractionIn,
             max_items=self._settings.max_batch_items,
         )
+        recent = self._gatekeeper.recent
+        for index, item in enumerate(items):
+            owner = recent.owner(item.interaction_id) if item.interaction_id else None
+            if owner is not None and owner != project_id:
+                raise InteractionIdTakenError(
+                    "interaction_id is taken; omit it to get a fresh one",
+                    param=f"interactions[{index}].interaction_id",
+                )
         interaction_ids, event_ids = [], []
         for item in items:
             event = build_logged_interaction(
@@ -125,6 +163,7 @@ class GatewayApi:
                 pseudonym_key=self._pseudonym_key,
                 prices=self._settings.prices,
             )
+            recent.remember(event.interaction_id, project_id)
             self._publisher.publish(
                 self._topics.interactions, str(event.interaction_id), event
             )

@@ -35,6 +35,7 @@ from services.gateway.handlers import (
     parse_chat_request,
     upstream_body,
 )
+from services.gateway.limits import RateLimiter, RecentInteractions
 from services.gateway.metrics import REQUEST_SECONDS, REQUESTS, UPSTREAM_SECONDS
 from services.gateway.proxy import UpstreamClient, relay_stream
 from services.gateway.publisher import EventPublisher
@@ -56,7 +57,9 @@ def json_response(body: Any, status_code: int = 200, **kwargs: Any) -> Response:
 def error_response(
     error: GatewayError, headers: dict[str, str] | None = None
 ) -> Response:
-    """An error in OpenAI's shape, with the error's status."""
+    """An error in OpenAI's shape, with the error's status and headers."""
+    if error.headers:
+        headers = {**(headers or {}), **error.headers}
     return json_response(error.to_body(), error.status_code, headers=headers)
 
 
@@ -91,18 +94,26 @@ class Gatekeeper:
     def __init__(self, settings: GatewaySettings, tables: TableSource) -> None:
         self._api_keys = settings.api_keys
         self._max_body_bytes = settings.max_body_bytes
+        self._limiter = RateLimiter(settings)
         self.tables = tables
+        self.recent = RecentInteractions(settings.recent_interactions_max)
 
     def authenticate(self, request: Request) -> str:
-        """The project id of the request's API key; AuthenticationError otherwise."""
+        """The project id of the request's API key, within its rate limits.
+
+        AuthenticationError for a missing or unknown key, RateLimitError past a limit.
+        """
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError(
                 "missing API key: send the header 'Authorization: Bearer <key>'"
             )
-        project_id = self._api_keys.get(hash_api_key(key.strip()))
+        digest = hash_api_key(key.strip())
+        project_id = self._api_keys.get(digest)
         if project_id is None:
             raise AuthenticationError("incorrect API key provided")
+        if self._limiter.enabled:
+            self._limiter.check(digest, project_id)
         return project_id
 
     async def read_body(self, request: Request) -> bytes:
@@ -174,6 +185,7 @@ class ChatEndpoint:
             started_s=started_s,
             started_at=started_at,
         )
+        self._gatekeeper.recent.remember(call.interaction_id, project_id)
         if chat.stream:
             return await self._stream(call)
         return await self._complete(call)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from services.common.openai_errors import error_body
@@ -20,6 +21,11 @@ class GatewayError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the error comes with."""
+        return {}
 
     def to_body(self) -> dict[str, Any]:
         """The JSON body OpenAI's API answers errors with."""
@@ -49,6 +55,40 @@ class ModelNotFoundError(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class InteractionNotFoundError(GatewayError):
+    """Feedback names an interaction this key's project does not own (or unknown)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "interaction_not_found"
+
+
+class InteractionIdTakenError(GatewayError):
+    """A logged interaction reuses an id another project's interaction has."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "interaction_id_taken"
+
+
+class RateLimitError(GatewayError):
+    """The key (or its project) sent more requests than its rate limit allows."""
+
+    status_code = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # Whole seconds, rounded up, as HTTP wants; at least 1.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class PayloadTooLargeError(GatewayError):

@@ -64,3 +64,10 @@ SPOOL_BYTES = Gauge(
     "Bytes of events waiting in the local spool.",
     registry=REGISTRY,
 )
+FEEDBACK_REFUSED = Counter(
+    "flywheel_gateway_feedback_refused_total",
+    "Feedback not published: for another project's interaction (other_project), "
+    "or for an id unknown in the refuse mode (not_found).",
+    ["reason"],
+    registry=REGISTRY,
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -32,6 +33,13 @@ class ModelPrice(BaseModel):
     completion_per_1k_usd: float = Field(default=0.0, ge=0)
 
 
+class RateLimit(BaseModel):
+    """A token bucket: `requests_per_s` on average, up to `burst` at once."""
+
+    requests_per_s: float = Field(gt=0)
+    burst: int = Field(default=1, ge=1)
+
+
 class GatewaySettings(ServiceSettings):
     """Everything the gateway reads at start-up."""
 
@@ -49,6 +57,22 @@ class GatewaySettings(ServiceSettings):
     api_keys: dict[str, str] = Field(
         default_factory=lambda: {hash_api_key(DEV_API_KEY): "default"}
     )
+    # Rate limits (none: unlimited). `rate_limit` applies to each key on its own;
+    # `key_rate_limits` (by the key's SHA-256 hex) replaces it for one key;
+    # `project_rate_limits` (by project id) is shared by all keys of a project.
+    # A request must fit every bucket that applies; else 429 with Retry-After.
+    rate_limit: RateLimit | None = None
+    key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    project_rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+
+    # Recent interaction ids -> project, remembered to refuse cross-project
+    # feedback; the oldest are forgotten past this many.
+    recent_interactions_max: int = Field(default=200_000, ge=1)
+    # Feedback for an id this gateway does not remember (another replica served
+    # it, a restart, or forgotten): "accept" publishes it with the rater's project
+    # for downstream to check; "refuse" answers 404 as for another project's id.
+    unknown_interaction_feedback: Literal["accept", "refuse"] = "accept"
+
     # Key of the HMAC that turns user and session ids into pseudonyms.
     pseudonym_key: SecretStr = SecretStr(DEV_PSEUDONYM_KEY)
 
