@@ -7,6 +7,9 @@ and each that asks for `pg_settings` a fresh, migrated schema.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -27,12 +30,28 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
     server.stop()
 
 
+@contextlib.contextmanager
+def server_data_dir(name: str) -> Iterator[Path]:
+    """A folder for a server's data outside pytest's temporary root.
+
+    PostgreSQL runs as another system user when the tests run as root, and pytest
+    makes its temporary root private (mode 0700) whenever a session starts, which
+    would cut a running server off from its own files.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"flywheel-{name}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), port=free_port())
-    server.start()
-    yield server
-    server.stop()
+def postgres() -> Iterator[EmbeddedPostgres]:
+    with server_data_dir("postgres") as folder:
+        server = EmbeddedPostgres(folder, port=free_port())
+        server.start()
+        yield server
+        server.stop()
 
 
 def unique_name(prefix: str) -> str:

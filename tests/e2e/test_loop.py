@@ -7,12 +7,17 @@ from typing import Any
 import pytest
 
 from services.demo.runner import DemoOptions, run_demo, scrape_sum
-from tests.conftest import wait_until
+from tests.conftest import server_data_dir, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 
 async def test_the_loop_turns_once(tmp_path):
+    with server_data_dir("e2e") as data_dir:
+        await turn_the_loop(data_dir, tmp_path)
+
+
+async def turn_the_loop(data_dir, tmp_path):
     seen: dict[str, Any] = {}
 
     async def inspect(stack, pool, users):
@@ -56,7 +61,7 @@ async def test_the_loop_turns_once(tmp_path):
         )
 
     options = DemoOptions(
-        data_dir=tmp_path,
+        data_dir=data_dir,
         users=100,
         questions=12,
         held_out=3,
