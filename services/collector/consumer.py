@@ -283,14 +283,18 @@ class EventConsumer:
     async def _update_lag(self) -> None:
         lag: Counter[str] = Counter({topic: 0 for topic in self._kinds})
         try:
-            for tp in self._assignment:
+            # The live assignment, not the one last logged: a rebalance may have
+            # revoked partitions since, and aiokafka refuses to answer for those.
+            for tp in self._consumer.assignment():
                 highwater = self._consumer.highwater(tp)
                 if highwater is None:
                     continue
                 async with asyncio.timeout(self._settings.kafka_timeout_s):
                     position = await self._consumer.position(tp)
                 lag[tp.topic] += max(highwater - position, 0)
-        except (KafkaError, TimeoutError, IllegalStateError) as error:
+        except (KafkaError, TimeoutError, IllegalStateError, AssertionError) as error:
+            # AssertionError: aiokafka's check that the partition is still assigned,
+            # when a rebalance revokes it while we await its position.
             logger.debug("consumer lag not updated: %r", error)
             return
         for topic, value in lag.items():
