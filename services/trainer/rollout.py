@@ -8,9 +8,10 @@ mid-step resumes exactly where the database says it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from services.trainer.store import ROLLOUT_LOCK, ModelVersion, Registry, Rollout
 logger = logging.getLogger(__name__)
 
 CONTROL_ARM = "control"
+MOVED_ON = "the rollout moved on meanwhile"
 TREATMENT_ARM = "treatment"
 
 
@@ -105,6 +107,19 @@ class RolloutController:
         await connection.execute(
             "SELECT pg_advisory_xact_lock(hashtext($1), $2)", self._schema, ROLLOUT_LOCK
         )
+
+    @contextlib.asynccontextmanager
+    async def _step_transaction(
+        self, rollout: Rollout
+    ) -> AsyncIterator[asyncpg.Connection | None]:
+        """A transaction under the rollout lock; None if the rollout moved on."""
+        async with (
+            self._registry.pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            await self._locked(connection)
+            current = await self._still_current(connection, rollout)
+            yield connection if current else None
 
     async def _still_current(
         self, connection: asyncpg.Connection, rollout: Rollout
@@ -250,13 +265,9 @@ class RolloutController:
         reason = "the last step passed; promotion waits for an approval"
         if rollout.awaiting_approval:
             return Outcome("held", routing_version, reason)
-        async with (
-            self._registry.pool.acquire() as connection,
-            connection.transaction(),
-        ):
-            await self._locked(connection)
-            if not await self._still_current(connection, rollout):
-                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+        async with self._step_transaction(rollout) as connection:
+            if connection is None:
+                return Outcome("ignored", 0, MOVED_ON)
             await connection.execute(
                 "UPDATE rollouts SET awaiting_approval = true, updated_at = now()"
                 " WHERE rollout_id = $1",
@@ -351,13 +362,9 @@ class RolloutController:
         baseline = await self._registry.version(rollout.baseline)
         assert candidate is not None and baseline is not None
         next_index = rollout.step_index + 1
-        async with (
-            self._registry.pool.acquire() as connection,
-            connection.transaction(),
-        ):
-            await self._locked(connection)
-            if not await self._still_current(connection, rollout):
-                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+        async with self._step_transaction(rollout) as connection:
+            if connection is None:
+                return Outcome("ignored", 0, MOVED_ON)
             if next_index < len(rollout.steps):
                 percent = rollout.steps[next_index]
                 action = "advanced"
@@ -412,13 +419,9 @@ class RolloutController:
     ) -> Outcome:
         baseline = await self._registry.version(rollout.baseline)
         assert baseline is not None
-        async with (
-            self._registry.pool.acquire() as connection,
-            connection.transaction(),
-        ):
-            await self._locked(connection)
-            if not await self._still_current(connection, rollout):
-                return Outcome("ignored", 0, "the rollout moved on meanwhile")
+        async with self._step_transaction(rollout) as connection:
+            if connection is None:
+                return Outcome("ignored", 0, MOVED_ON)
             await connection.execute(
                 "UPDATE rollouts SET state = 'rolled_back', updated_at = now()"
                 " WHERE rollout_id = $1",
