@@ -1,1 +1,1 @@
-"""Benchmarks: each module measures one part against a baseline taken in the same run."""
+"""Benchmarks: each module measures one part against a baseline from the same run."""

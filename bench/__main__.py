@@ -17,7 +17,9 @@ def main(names: list[str]) -> int:
     chosen = names or available
     unknown = sorted(set(chosen) - set(available))
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
+        print(
+            f"unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr
+        )
         return 2
     for name in chosen:
         print(f"\n== bench.{name} ==", flush=True)
