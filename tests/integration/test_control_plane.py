@@ -201,3 +201,48 @@ async def test_guardrail_breach_rolls_back_mid_rollout_and_records_the_numbers(
     assert last["verdict"]["lift"] == 0.2
     assert last["verdict"]["srm_p_value"] == 0.4
     assert last["routing_version"] == rolled.routing_version
+
+
+async def test_watchers_keep_the_last_table_while_the_controller_is_away(pg_pool):
+    settings = ControlPlaneSettings(address=f"127.0.0.1:{free_port()}", token="t0k")
+    host, port = settings.address.split(":")
+    registry = Registry(pg_pool)
+    schema = await pg_pool.fetchval("SELECT current_schema()")
+
+    async def serve() -> tuple[aio.Server, RolloutController]:
+        broadcast = TableBroadcast()
+        controller = RolloutController(
+            registry, schema=schema, on_table=broadcast.publish
+        )
+        await broadcast.publish(await registry.routing_table())
+        server = await start_control_server(
+            settings,
+            host=host,
+            port=int(port),
+            broadcast=broadcast,
+            controller=controller,
+        )
+        return server, controller
+
+    first_server, controller = await serve()
+    await controller.ensure_bootstrap(ROUTE, base_model="m", upstream_url="http://u/v1")
+    stop = asyncio.Event()
+    watcher = RoutingTableWatcher(
+        settings.model_copy(update={"reconnect_max_backoff_s": 0.5})
+    )
+    watch = asyncio.create_task(watcher.watch_loop(stop))
+    held = await watcher.wait_ready(timeout_s=10)
+
+    await first_server.stop(grace=0)
+    await wait_until(lambda: not watcher.connected, timeout_s=10)
+    while_away = watcher.table
+    candidate = await stage_candidate(registry)
+    await RolloutController(registry, schema=schema).start(candidate, [10])
+    second_server, _ = await serve()
+    await wait_until(lambda: watcher.table.version > held.version, timeout_s=20)
+    stop.set()
+    await watch
+    await second_server.stop(grace=0)
+
+    assert while_away == held
+    assert watcher.table.routes[ROUTE].variants[0].name == candidate.version_id
