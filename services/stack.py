@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -85,19 +86,9 @@ class Stack:
         self.on_progress = on_progress
         data = options.data_dir.resolve()
         self.data_dir = data
-        self.broker = EmbeddedBroker(data / "kafka", port=free_port())
-        self.postgres = EmbeddedPostgres(data / "postgres", port=free_port())
-        self.ports = {
-            name: free_port()
-            for name in (
-                "gateway",
-                "inference",
-                "trainer_grpc",
-                "trainer_metrics",
-                "collector_metrics",
-                "analyzer_metrics",
-            )
-        }
+        self.ports = _ports_for(data)
+        self.broker = EmbeddedBroker(data / "kafka", port=self.ports["kafka"])
+        self.postgres = EmbeddedPostgres(data / "postgres", port=self.ports["postgres"])
         self.services: list[ServiceProcess] = []
         # A fresh pseudonymization key per stack: user ids cannot be linked across runs.
         self.pseudonym_key = secrets.token_hex(32)
@@ -300,6 +291,52 @@ class Stack:
         self.services.clear()
         self.broker.stop()
         self.postgres.stop()
+
+
+PORT_NAMES = (
+    "kafka",
+    "postgres",
+    "gateway",
+    "inference",
+    "trainer_grpc",
+    "trainer_metrics",
+    "collector_metrics",
+    "analyzer_metrics",
+)
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports_for(data_dir: Path) -> dict[str, int]:
+    """The stack's ports, chosen once per data folder and kept in `ports.json`.
+
+    The routing table in PostgreSQL names the inference server's URL, so a restart
+    on the same data must come back on the same ports.
+    """
+    path = data_dir / "ports.json"
+    if path.exists():
+        ports: dict[str, int] = json.loads(path.read_text())
+        busy = [
+            f"{name}={port}" for name, port in ports.items() if not _port_is_free(port)
+        ]
+        if busy:
+            raise StackError(
+                f"ports kept in {path} are in use ({', '.join(busy)}): stop what holds "
+                "them (another `flywheel up` on this data?), or delete the file to "
+                "pick new ones (routes then need their upstream URL updated)"
+            )
+        return ports
+    ports = {name: free_port() for name in PORT_NAMES}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports, indent=2))
+    return ports
 
 
 async def _is_ready(client: httpx.AsyncClient, spec: ServiceProcess) -> bool:

@@ -113,7 +113,9 @@ class DemoReport:
         ]
         return out
 
-    def chart(self, path: Path, bin_s: float = 30.0, min_answers: int = 6) -> Path:
+    def chart(
+        self, path: Path, bin_s: float | None = None, min_answers: int = 4
+    ) -> Path:
         """Positive-feedback rate and accuracy per version over time, as a PNG."""
         import matplotlib
 
@@ -121,6 +123,11 @@ class DemoReport:
         import matplotlib.pyplot as plt
 
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+        if bin_s is None:
+            # About 16 bins over the run, at least 30 s each: a slow run (a busy
+            # machine) still gets enough answers in a bin to plot it.
+            span_s = max((at_s for at_s, _, _ in self.timeline), default=0.0)
+            bin_s = max(30.0, span_s / 16)
         bins: dict[tuple[str, int], VersionStats] = defaultdict(VersionStats)
         for at_s, version, exchange in self.timeline:
             bins[(version, int(at_s // bin_s))].add(exchange)

@@ -186,7 +186,9 @@ async def drive(
                 break
             if elapsed > options.max_minutes * 60:
                 _say(
-                    f"time limit of {options.max_minutes} min reached in phase {phase}"
+                    f"time limit of {options.max_minutes} min reached in phase "
+                    f"{phase}; "
+                    "on a busy machine give it more with --max-minutes"
                 )
                 break
     finally:

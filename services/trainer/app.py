@@ -76,12 +76,19 @@ class App:
         pipeline = Pipeline(settings, registry, controller)
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(follow_database_loop(registry, broadcast, stop))
-                tasks.create_task(pipeline.schedule_loop(stop))
-                tasks.create_task(
-                    controller.approvals_loop(stop, settings.approvals_interval_s)
-                )
-                tasks.create_task(stop.wait())
+                loops = [
+                    tasks.create_task(follow_database_loop(registry, broadcast, stop)),
+                    tasks.create_task(pipeline.schedule_loop(stop)),
+                    tasks.create_task(
+                        controller.approvals_loop(stop, settings.approvals_interval_s)
+                    ),
+                ]
+                # On stop, end the loops at once, a training run or staging in
+                # progress included: its fine-tuning child is killed, and the run,
+                # not marked finished, is tried again on the same window later.
+                await stop.wait()
+                for loop in loops:
+                    loop.cancel()
         finally:
             # Stop intake first (no new calls), then close the pool.
             await server.stop(grace=2.0)
