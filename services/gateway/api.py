@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 
 from services.common.kafka import Topics
+from services.common.openai_errors import error_body
 from services.gateway.chat import (
     ChatEndpoint,
     Gatekeeper,
@@ -75,12 +78,31 @@ class GatewayApi:
             HttpRoute("/metrics", self.metrics, methods=["GET"]),
         ]
         return Starlette(
-            routes=routes, exception_handlers={GatewayError: self._on_gateway_error}
+            routes=routes,
+            exception_handlers={
+                GatewayError: self._on_gateway_error,
+                HTTPException: self._on_http_error,
+            },
         )
 
     async def _on_gateway_error(self, _request: Request, error: Exception) -> Response:
         assert isinstance(error, GatewayError)
         return error_response(error)
+
+    async def _on_http_error(self, request: Request, error: Exception) -> Response:
+        """Unknown paths and wrong methods, in OpenAI's error shape too."""
+        assert isinstance(error, HTTPException)
+        body = error_body(
+            f"{request.method} {request.url.path}: {error.detail}",
+            error_type="invalid_request_error",
+            code="not_found" if error.status_code == 404 else "method_not_allowed",
+        )
+        return Response(
+            orjson.dumps(body),
+            status_code=error.status_code,
+            media_type="application/json",
+            headers=error.headers,
+        )
 
     async def feedback(self, request: Request) -> Response:
         """Accept one feedback object or `{"feedback": [...]}`; 202 with event ids."""

@@ -300,3 +300,13 @@ class _EmptyTables:
 
     async def run(self, stop) -> None:
         await stop.wait()
+
+
+async def test_unknown_paths_and_methods_answer_in_openai_error_shape(
+    client: httpx.AsyncClient,
+):
+    missing = await client.get("/v1/nothing-here")
+    wrong_method = await client.get("/v1/chat/completions")
+
+    assert_openai_error(missing, 404, "not_found")
+    assert_openai_error(wrong_method, 405, "method_not_allowed")
