@@ -67,7 +67,10 @@ SERVICES: dict[str, tuple[type[ServiceSettings], str, str, dict[str, tuple]]] = 
         TrainerSettings,
         "FLYWHEEL_TRAINER_",
         "flywheel-model",
-        {"grpc": ("grpc_port", "grpc_host")},
+        {
+            "grpc": ("grpc_port", "grpc_host"),
+            "metrics": ("metrics_port", "metrics_host"),
+        },
     ),
     "inference": (
         InferenceSettings,
@@ -434,6 +437,7 @@ def test_services_and_monitor_select_declared_ports(overlay: str) -> None:
         "flywheel-analyzer",
         "flywheel-collector",
         "flywheel-gateway",
+        "flywheel-trainer",
     ]
     for name in scraped:
         assert port_names[name] & endpoint_ports, name
