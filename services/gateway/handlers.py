@@ -33,7 +33,10 @@ def describe_validation_error(error: ValidationError, prefix: str) -> str:
     """One line naming the first invalid field and what was wrong with it."""
     first = error.errors()[0]
     location = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-    return f"{location}: {first['msg']}"
+    # A model-level check has no field: name the object, and drop pydantic's
+    # "Value error, " preamble, which says nothing to a client.
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{location or 'body'}: {message}"
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

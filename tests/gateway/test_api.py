@@ -310,3 +310,15 @@ async def test_unknown_paths_and_methods_answer_in_openai_error_shape(
 
     assert_openai_error(missing, 404, "not_found")
     assert_openai_error(wrong_method, 405, "method_not_allowed")
+
+
+async def test_an_object_level_mistake_is_named_plainly(client: httpx.AsyncClient):
+    response = await client.post(
+        "/v1/feedback",
+        json={"interaction_id": str(uuid.uuid4()), "kind": "comment"},
+        headers=AUTH,
+    )
+
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert not message.startswith(":") and "Value error" not in message
