@@ -96,6 +96,18 @@ def _postgres_package() -> _PostgresPackage:
     )
 
 
+def _identity(system_user: str | None) -> dict[str, Any]:
+    """subprocess options that drop root to `system_user`: its uid, gid, no groups.
+
+    Dropping only the uid would leave the process in root's group, and a folder's
+    group bits (often none for root's private folders) would then deny it access.
+    """
+    if system_user is None:
+        return {}
+    entry = pwd.getpwnam(system_user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _allow_traversal(path: Path) -> None:
     """Add search permission for others (o+x) to every folder above `path`."""
     for folder in path.resolve().parents:
@@ -203,7 +215,7 @@ class EmbeddedPostgres:
         if not (pgdata / "PG_VERSION").exists():
             if pgdata.exists():
                 shutil.rmtree(pgdata)
-            subprocess.run(
+            initdb = subprocess.run(
                 [
                     self._bin("initdb"),
                     "-D",
@@ -214,10 +226,12 @@ class EmbeddedPostgres:
                     "--encoding=UTF8",
                     "--no-sync",
                 ],
-                check=True,
                 capture_output=True,
-                user=system_user,
+                text=True,
+                **_identity(system_user),
             )
+            if initdb.returncode != 0:
+                raise EmbeddedStartError(f"initdb failed: {initdb.stderr.strip()}")
         command = [
             self._bin("postgres"),
             "-D",
@@ -242,8 +256,8 @@ class EmbeddedPostgres:
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            user=system_user,
             start_new_session=True,
+            **_identity(system_user),
         )
         log.close()
         try:
