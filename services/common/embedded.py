@@ -285,7 +285,8 @@ class EmbeddedPostgres:
                     "-d",
                     "postgres",
                     "-tAc",
-                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",  # noqa: S608 - our own setting, psql -c takes no parameters,
+                    # psql -c takes no parameters; the name is our own setting.
+                    f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'",  # noqa: S608
                 ],
                 capture_output=True,
                 text=True,

@@ -305,7 +305,11 @@ async def test_prod_kafka_settings_build_a_client(
     env = container_env(objects, container, SECRET_PLACEHOLDERS)
     settings = load_settings(monkeypatch, CollectorSettings, env)
 
-    AIOKafkaClient(**settings.kafka.client_options())
+    options = settings.kafka.client_options()
+    AIOKafkaClient(**options)
+
+    assert settings.kafka.security_protocol == "SASL_SSL"
+    assert options["ssl_context"] is not None
 
 
 # --- scaling ------------------------------------------------------------------------

@@ -13,11 +13,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 
 async def test_the_loop_turns_once(tmp_path):
-    with server_data_dir("e2e") as data_dir:
-        await turn_the_loop(data_dir, tmp_path)
-
-
-async def turn_the_loop(data_dir, tmp_path):
     seen: dict[str, Any] = {}
 
     async def inspect(stack, pool, users):
@@ -61,7 +56,6 @@ async def turn_the_loop(data_dir, tmp_path):
         )
 
     options = DemoOptions(
-        data_dir=data_dir,
         users=100,
         questions=12,
         held_out=3,
@@ -82,7 +76,9 @@ async def turn_the_loop(data_dir, tmp_path):
         "FLYWHEEL_TRAINER_STAGING__MAX_HOLDOUT_REGRESSION": "1.0",
     }
 
-    result = await run_demo(options, extra_env=extra, inspect=inspect)
+    with server_data_dir("e2e") as data_dir:
+        options.data_dir = data_dir
+        result = await run_demo(options, extra_env=extra, inspect=inspect)
 
     # Every event arrived exactly once.
     assert seen["errors"] == seen["feedback_errors"] == 0
