@@ -8,6 +8,7 @@ they move, which bounds how long these tests take.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -136,6 +137,24 @@ async def send_load(
     await send_all(client, messages)
 
 
+async def feed_slowly(
+    client: AIOKafkaProducer,
+    topics: Topics,
+    interactions: list[Interaction],
+    feedback: list[Feedback],
+    last_part_after: asyncio.Event,
+    chunk: int = 50,
+) -> None:
+    """Send in chunks a tenth of a second apart; the last one once the event is set."""
+    starts = list(range(0, len(interactions), chunk))
+    for start in starts[:-1]:
+        end = start + chunk
+        await send_load(client, topics, interactions[start:end], feedback[start:end])
+        await asyncio.sleep(0.1)  # pacing the load, not waiting for an outcome
+    await last_part_after.wait()
+    await send_load(client, topics, interactions[starts[-1] :], feedback[starts[-1] :])
+
+
 async def total_rows(pool: asyncpg.Pool) -> int:
     return await count_rows(pool, "interactions") + await count_rows(pool, "feedback")
 
@@ -199,7 +218,15 @@ async def test_collector_killed_during_rebalance_stores_every_event_once(
     total = 2 * LOAD_PAIRS
     env = collector_env(kafka_settings, pg_settings, unique_name("collector-"))
 
-    await send_load(producer, topics, interactions, feedback)
+    # The load keeps arriving while the group changes, and its last part only
+    # after the kill: a collector is fast enough to drain a load sent up front
+    # before the second member has even joined.
+    killed = asyncio.Event()
+    third = LOAD_PAIRS // 3
+    await send_load(producer, topics, interactions[:third], feedback[:third])
+    feeder = asyncio.create_task(
+        feed_slowly(producer, topics, interactions[third:], feedback[third:], killed)
+    )
     first = start_collector(collectors, env, tmp_path)
     await wait_rows(pg_pool, total // 10, timeout_s=60)
     # A second member joins mid-load: the group rebalances under load.
@@ -209,6 +236,8 @@ async def test_collector_killed_during_rebalance_stores_every_event_once(
     # Once both hold partitions, the first dies without committing its batch.
     first.kill()
     stored_at_kill = await total_rows(pg_pool)
+    killed.set()
+    await feeder
     await wait_rows(pg_pool, total, timeout_s=STORED_DEADLINE_S)
     exit_code = second.stop()
 
