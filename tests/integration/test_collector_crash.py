@@ -190,11 +190,20 @@ async def test_collector_killed_mid_load_and_restarted_stores_every_event_once(
     total = 2 * LOAD_PAIRS
     env = collector_env(kafka_settings, pg_settings, unique_name("collector-"))
 
-    await send_load(producer, topics, interactions, feedback)
+    # The last part of the load arrives only after the kill, so it lands mid-load
+    # however fast the collector drains what came before.
+    killed = asyncio.Event()
+    half = LOAD_PAIRS // 2
+    await send_load(producer, topics, interactions[:half], feedback[:half])
+    feeder = asyncio.create_task(
+        feed_slowly(producer, topics, interactions[half:], feedback[half:], killed)
+    )
     first = start_collector(collectors, env, tmp_path)
     await wait_rows(pg_pool, total // 5, timeout_s=60)
     first.kill()
     stored_at_kill = await total_rows(pg_pool)
+    killed.set()
+    await feeder
     second = start_collector(collectors, env, tmp_path)
     await wait_rows(pg_pool, total, timeout_s=STORED_DEADLINE_S)
     exit_code = second.stop()
