@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -88,21 +88,22 @@ class RolloutServicer(pb_grpc.RolloutServiceServicer):  # type: ignore[misc]  # 
     async def Promote(  # noqa: N802 - gRPC method name
         self, request: pb.ManualActionRequest, context: aio.ServicerContext
     ) -> pb.VerdictAck:
-        try:
-            outcome = await self._controller.promote(
-                request.route, request.reason or "manual"
-            )
-        except LookupError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        return _ack(outcome)
+        return await self._manual(self._controller.promote, request, context)
 
     async def RollBack(  # noqa: N802 - gRPC method name
         self, request: pb.ManualActionRequest, context: aio.ServicerContext
     ) -> pb.VerdictAck:
+        return await self._manual(self._controller.roll_back, request, context)
+
+    async def _manual(
+        self,
+        action: Callable[[str, str], Awaitable[Outcome]],
+        request: pb.ManualActionRequest,
+        context: aio.ServicerContext,
+    ) -> pb.VerdictAck:
+        """A promote or roll-back by hand; no running rollout is FAILED_PRECONDITION."""
         try:
-            outcome = await self._controller.roll_back(
-                request.route, request.reason or "manual"
-            )
+            outcome = await action(request.route, request.reason or "manual")
         except LookupError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         return _ack(outcome)

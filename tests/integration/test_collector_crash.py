@@ -155,6 +155,27 @@ async def feed_slowly(
     await send_load(client, topics, interactions[starts[-1] :], feedback[starts[-1] :])
 
 
+async def start_paced_load(
+    client: AIOKafkaProducer,
+    topics: Topics,
+    interactions: list[Interaction],
+    feedback: list[Feedback],
+    up_front: int,
+    last_part_after: asyncio.Event,
+) -> asyncio.Task[None]:
+    """Send `up_front` pairs now and feed the rest slowly in a task (await it)."""
+    await send_load(client, topics, interactions[:up_front], feedback[:up_front])
+    return asyncio.create_task(
+        feed_slowly(
+            client,
+            topics,
+            interactions[up_front:],
+            feedback[up_front:],
+            last_part_after,
+        )
+    )
+
+
 async def total_rows(pool: asyncpg.Pool) -> int:
     return await count_rows(pool, "interactions") + await count_rows(pool, "feedback")
 
@@ -193,10 +214,8 @@ async def test_collector_killed_mid_load_and_restarted_stores_every_event_once(
     # The last part of the load arrives only after the kill, so it lands mid-load
     # however fast the collector drains what came before.
     killed = asyncio.Event()
-    half = LOAD_PAIRS // 2
-    await send_load(producer, topics, interactions[:half], feedback[:half])
-    feeder = asyncio.create_task(
-        feed_slowly(producer, topics, interactions[half:], feedback[half:], killed)
+    feeder = await start_paced_load(
+        producer, topics, interactions, feedback, LOAD_PAIRS // 2, killed
     )
     first = start_collector(collectors, env, tmp_path)
     await wait_rows(pg_pool, total // 5, timeout_s=60)
@@ -231,10 +250,8 @@ async def test_collector_killed_during_rebalance_stores_every_event_once(
     # after the kill: a collector is fast enough to drain a load sent up front
     # before the second member has even joined.
     killed = asyncio.Event()
-    third = LOAD_PAIRS // 3
-    await send_load(producer, topics, interactions[:third], feedback[:third])
-    feeder = asyncio.create_task(
-        feed_slowly(producer, topics, interactions[third:], feedback[third:], killed)
+    feeder = await start_paced_load(
+        producer, topics, interactions, feedback, LOAD_PAIRS // 3, killed
     )
     first = start_collector(collectors, env, tmp_path)
     await wait_rows(pg_pool, total // 10, timeout_s=60)
