@@ -9,14 +9,13 @@ import logging
 import socket
 from collections.abc import Iterator
 
-import httpx
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from starlette.applications import Starlette
 
 from services.common.kafka import make_producer
 from services.gateway.api import GatewayApi
-from services.gateway.proxy import UpstreamClient, make_http_client
+from services.gateway.proxy import UpstreamClient
 from services.gateway.publisher import EventPublisher
 from services.gateway.settings import DEV_PSEUDONYM_KEY, GatewaySettings
 from services.gateway.spool import Spool
@@ -43,8 +42,8 @@ def default_table_source(settings: GatewaySettings) -> TableSource:
 class App:
     """The gateway: HTTP server, routing table source and event publisher.
 
-    The routing table source, the Kafka producer and the upstream HTTP client can be
-    injected (tests); otherwise they come from the settings.
+    The routing table source and the Kafka producer can be injected (tests);
+    otherwise they come from the settings.
     """
 
     def __init__(
@@ -53,11 +52,11 @@ class App:
         *,
         tables: TableSource | None = None,
         producer: AIOKafkaProducer | None = None,
-        http_client: httpx.AsyncClient | None = None,
     ) -> None:
         self.settings = settings
         self.tables = tables or default_table_source(settings)
-        self._http_client = http_client or make_http_client(
+        self._upstream = UpstreamClient(
+            api_keys=settings.upstream_api_keys,
             timeout_s=settings.upstream_timeout_s,
             connect_timeout_s=settings.upstream_connect_timeout_s,
             max_connections=settings.upstream_max_connections,
@@ -77,9 +76,7 @@ class App:
         self.api = GatewayApi(
             settings,
             tables=self.tables,
-            upstream=UpstreamClient(
-                self._http_client, api_keys=settings.upstream_api_keys
-            ),
+            upstream=self._upstream,
             publisher=self.publisher,
         )
         self.asgi: Starlette = self.api.application()
@@ -135,7 +132,7 @@ class App:
     async def close(self) -> None:
         """Close the producer and the upstream client; idempotent."""
         await self.publisher.stop()
-        await self._http_client.aclose()
+        await self._upstream.close()
 
     def _bind(self) -> socket.socket:
         host, port = self.settings.host, self.settings.port

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -230,7 +230,7 @@ class ChatEndpoint:
         )
 
     async def _relay(
-        self, upstream_response: httpx.Response, call: _Call
+        self, upstream_response: aiohttp.ClientResponse, call: _Call
     ) -> AsyncIterator[bytes]:
         try:
             async for piece in relay_stream(
@@ -260,7 +260,10 @@ class ChatEndpoint:
             # Record before awaiting anything: a cancelled stream may be cancelled
             # again at its next await.
             self.finish(call)
-            await upstream_response.aclose()
+            if upstream_response.content.at_eof():
+                upstream_response.release()  # the connection goes back to the pool
+            else:
+                upstream_response.close()
 
     def _observe_upstream(self, call: _Call, upstream_started_s: float) -> None:
         UPSTREAM_SECONDS.labels(
