@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -20,10 +22,14 @@ from services.common.events import ErrorInfo, utc_now
 from services.common.routing import Route, Variant, bucket_of
 from services.gateway.errors import (
     AuthenticationError,
+    BadUpstreamResponseError,
     GatewayError,
     ModelNotFoundError,
     NotReadyError,
     PayloadTooLargeError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    UpstreamUnreachableError,
 )
 from services.gateway.handlers import (
     CallRecord,
@@ -36,13 +42,40 @@ from services.gateway.handlers import (
     upstream_body,
 )
 from services.gateway.limits import RateLimiter, RecentInteractions
-from services.gateway.metrics import REQUEST_SECONDS, REQUESTS, UPSTREAM_SECONDS
+from services.gateway.metrics import (
+    REQUEST_SECONDS,
+    REQUESTS,
+    UPSTREAM_FALLBACKS,
+    UPSTREAM_RETRIES,
+    UPSTREAM_SECONDS,
+)
 from services.gateway.proxy import UpstreamClient, relay_stream
 from services.gateway.publisher import EventPublisher
 from services.gateway.settings import GatewaySettings, hash_api_key
 from services.gateway.tables import TableSource
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_Send = Callable[[Variant, bytes], Awaitable[_T]]
+
+# Upstream statuses that say the call was not done and may work if sent again.
+RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def _may_retry(error: GatewayError) -> bool:
+    """Whether sending the same call to the same variant again may work."""
+    if isinstance(error, UpstreamUnreachableError):
+        return True
+    return isinstance(error, UpstreamError) and error.status_code in RETRIABLE_STATUSES
+
+
+def _may_fall_back(error: GatewayError) -> bool:
+    """Whether the variant itself failed (not the request): another may answer."""
+    return _may_retry(error) or isinstance(
+        error, UpstreamTimeoutError | BadUpstreamResponseError
+    )
+
 
 INTERACTION_ID_HEADER = "X-Flywheel-Interaction-Id"
 
@@ -79,6 +112,8 @@ class _Call:
     outcome: Outcome = field(default_factory=Outcome)
     status_code: int = 200
     finished: bool = False
+    # The routed variant's name once a fallback variant took the call over.
+    fallback_from: str | None = None
 
     def fail(self, error: GatewayError) -> None:
         self.outcome.error = ErrorInfo(
@@ -192,10 +227,9 @@ class ChatEndpoint:
 
     async def _complete(self, call: _Call) -> Response:
         headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
-        body = upstream_body(call.chat, call.variant)
         upstream_started_s = time.perf_counter()
         try:
-            answer = await self._upstream.complete(call.variant, body)
+            answer = await self._send(call, self._upstream.complete)
         except GatewayError as error:
             call.status_code = error.status_code
             call.fail(error)
@@ -211,10 +245,9 @@ class ChatEndpoint:
 
     async def _stream(self, call: _Call) -> Response:
         headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
-        body = upstream_body(call.chat, call.variant)
         upstream_started_s = time.perf_counter()
         try:
-            upstream_response = await self._upstream.open_stream(call.variant, body)
+            upstream_response = await self._send(call, self._upstream.open_stream)
         except GatewayError as error:
             call.status_code = error.status_code
             call.fail(error)
@@ -265,6 +298,79 @@ class ChatEndpoint:
             else:
                 upstream_response.close()
 
+    async def _send(self, call: _Call, send: _Send[_T]) -> _T:
+        """`send` to the call's variant, retried, then to the route's fallbacks.
+
+        When a fallback answers, the call's variant becomes the fallback's and each
+        variant that failed for good is recorded as an interaction of its own, with
+        its error (so that its error rate counts it), before the call goes on.
+        """
+        fallbacks = (
+            [v for v in call.route.variants if v.name != call.variant.name]
+            if self._settings.upstream_fallback
+            else []
+        )
+        while True:
+            try:
+                return await self._send_retrying(call, call.variant, send)
+            except GatewayError as error:
+                if not fallbacks or not _may_fall_back(error):
+                    raise
+                fallback = fallbacks.pop(0)
+                logger.warning(
+                    "upstream failed, falling back route=%s variant=%s fallback=%s "
+                    "error=%s",
+                    call.route.name,
+                    call.variant.name,
+                    fallback.name,
+                    error.code or error.error_type,
+                )
+                UPSTREAM_FALLBACKS.labels(
+                    route=call.route.name,
+                    variant=call.variant.name,
+                    fallback=fallback.name,
+                ).inc()
+                self._record_failed_try(call, error)
+                call.fallback_from = call.fallback_from or call.variant.name
+                call.variant = fallback
+
+    async def _send_retrying(
+        self, call: _Call, variant: Variant, send: _Send[_T]
+    ) -> _T:
+        body = upstream_body(call.chat, variant)
+        settings = self._settings
+        attempt = 0
+        while True:
+            try:
+                return await send(variant, body)
+            except GatewayError as error:
+                if attempt >= settings.upstream_retries or not _may_retry(error):
+                    raise
+            UPSTREAM_RETRIES.labels(route=call.route.name, variant=variant.name).inc()
+            ceiling_s = min(
+                settings.upstream_retry_backoff_max_s,
+                settings.upstream_retry_backoff_s * 2**attempt,
+            )
+            await asyncio.sleep(random.uniform(0, ceiling_s))  # noqa: S311 (jitter)
+            attempt += 1
+
+    def _record_failed_try(self, call: _Call, error: GatewayError) -> None:
+        """The failed try of `call` on its current variant, as an interaction."""
+        failed = _Call(
+            chat=call.chat,
+            project_id=call.project_id,
+            route=call.route,
+            variant=call.variant,
+            bucket=call.bucket,
+            identity=call.identity,
+            started_s=call.started_s,
+            started_at=call.started_at,
+            status_code=error.status_code,
+            fallback_from=call.fallback_from,
+        )
+        failed.fail(error)
+        self.finish(failed)
+
     def _observe_upstream(self, call: _Call, upstream_started_s: float) -> None:
         UPSTREAM_SECONDS.labels(
             route=call.route.name, variant=call.variant.name
@@ -308,6 +414,7 @@ class ChatEndpoint:
             started_at=call.started_at,
             finished_at=utc_now(),
             latency_s=latency_s,
+            fallback_from=call.fallback_from,
         )
         try:
             event = build_interaction(

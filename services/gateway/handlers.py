@@ -248,6 +248,12 @@ class CallRecord:
     started_at: datetime
     finished_at: datetime
     latency_s: float
+    # The variant the call was routed to when another one answered it instead.
+    fallback_from: str | None = None
+
+
+# Metadata key marking an interaction a fallback variant answered (`build_interaction`).
+FALLBACK_FROM_KEY = "flywheel.fallback_from"
 
 
 def build_interaction(
@@ -259,6 +265,12 @@ def build_interaction(
     if error is not None:
         error = error.model_copy(update={"message": mask_text(error.message)})
     response_text = outcome.response_text
+    metadata = {k: mask_text(v) for k, v in record.request.metadata.items()}
+    in_experiment = record.fallback_from is None
+    if record.fallback_from is not None:
+        # Answered by a variant the user was not assigned to: it belongs to no arm,
+        # so its feedback cannot credit one arm with another's answers.
+        metadata[FALLBACK_FROM_KEY] = record.fallback_from
     return Interaction(
         interaction_id=record.interaction_id,
         project_id=record.project_id,
@@ -268,8 +280,8 @@ def build_interaction(
         variant=record.variant.name,
         model_version=record.variant.model_version or None,
         upstream_model=record.variant.upstream_model,
-        experiment_id=record.route.experiment_id or None,
-        arm=record.variant.arm or None,
+        experiment_id=(record.route.experiment_id or None) if in_experiment else None,
+        arm=(record.variant.arm or None) if in_experiment else None,
         bucket=record.bucket,
         request_messages=[mask_value(message) for message in record.request.messages],
         request_params=mask_value(
@@ -283,7 +295,7 @@ def build_interaction(
         latency_s=record.latency_s,
         time_to_first_token_s=outcome.time_to_first_token_s,
         stream=record.request.stream,
-        metadata={k: mask_text(v) for k, v in record.request.metadata.items()},
+        metadata=metadata,
         started_at=record.started_at,
         finished_at=record.finished_at,
     )

@@ -30,6 +30,18 @@ UPSTREAM_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS_S,
     registry=REGISTRY,
 )
+UPSTREAM_RETRIES = Counter(
+    "flywheel_gateway_upstream_retries_total",
+    "Upstream calls sent again after a retriable failure, by route and variant.",
+    ["route", "variant"],
+    registry=REGISTRY,
+)
+UPSTREAM_FALLBACKS = Counter(
+    "flywheel_gateway_upstream_fallbacks_total",
+    "Calls handed to another variant of the route after theirs failed.",
+    ["route", "variant", "fallback"],
+    registry=REGISTRY,
+)
 EVENTS_PUBLISHED = Counter(
     "flywheel_gateway_events_published_total",
     "Events the broker acknowledged, by topic.",

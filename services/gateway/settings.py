@@ -83,6 +83,19 @@ class GatewaySettings(ServiceSettings):
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_max_connections: int = Field(default=512, ge=1)
+    # A failed upstream call is sent again, up to `upstream_retries` more times, when
+    # the failure says nothing was done: the connection failed, or the upstream
+    # answered 429, 500, 502, 503 or 504. Waits between tries grow from
+    # `upstream_retry_backoff_s`, doubling, with full jitter, capped at
+    # `upstream_retry_backoff_max_s`. Timeouts are not retried: the upstream may
+    # still be generating (and billing) the first answer.
+    upstream_retries: int = Field(default=2, ge=0, le=10)
+    upstream_retry_backoff_s: float = Field(default=0.05, ge=0)
+    upstream_retry_backoff_max_s: float = Field(default=2.0, ge=0)
+    # When the routed variant still fails (retriable failure or timeout), hand the
+    # call to the route's other variants in routing-table order before answering
+    # with the error. Only before the first byte reaches the client.
+    upstream_fallback: bool = True
     # Bearer keys sent upstream, by variant base URL (e.g. for OpenAI itself).
     upstream_api_keys: dict[str, SecretStr] = Field(default_factory=dict)
     # Price per upstream model name; unknown models cost 0.

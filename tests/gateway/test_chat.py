@@ -171,7 +171,9 @@ async def test_upstream_error_keeps_its_status_in_openai_shape(
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "stub failure 503"
     assert response.json()["error"]["code"] == "stub_failure"
-    [event] = interactions(gateway)
+    # Both variants fail: the routed one's try, then the fallback's answer.
+    failed, event = interactions(gateway)
+    assert failed.error is not None and failed.error.status_code == 503
     assert event.error is not None and event.error.status_code == 503
     assert str(event.interaction_id) == response.headers["x-flywheel-interaction-id"]
 

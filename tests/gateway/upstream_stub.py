@@ -1,6 +1,8 @@
 """A real local HTTP server that answers like OpenAI's chat completions API.
 
-The last user message steers it: `fail:<status>` answers that error status, `hang`
+The last user message steers it: `fail:<status>` answers that error status,
+`fail-model:<model>:<status>` does so only for requests for that model,
+`flaky:<token>:<n>:<status>` fails the first n requests carrying that token, `hang`
 never answers (for timeouts), `broken-stream` cuts a stream off mid-way,
 `slow-stream` stops after its first word until released; anything
 else is echoed back as "You said: <message>".
@@ -29,6 +31,7 @@ class UpstreamStub:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.flaky_seen: dict[str, int] = {}
         self.port = free_port()
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -63,8 +66,8 @@ class UpstreamStub:
             (m["content"] for m in reversed(body["messages"]) if m["role"] == "user"),
             "",
         )
-        if prompt.startswith("fail:"):
-            status = int(prompt.removeprefix("fail:"))
+        status = self._failure_status(body, prompt)
+        if status is not None:
             error = {
                 "message": f"stub failure {status}",
                 "type": "server_error",
@@ -85,6 +88,19 @@ class UpstreamStub:
         return Response(
             orjson.dumps(_completion(body, answer)), media_type="application/json"
         )
+
+    def _failure_status(self, body: dict[str, Any], prompt: str) -> int | None:
+        kind, _, rest = prompt.partition(":")
+        if kind == "fail":
+            return int(rest)
+        if kind == "fail-model":
+            model, _, status = rest.rpartition(":")
+            return int(status) if body.get("model") == model else None
+        if kind == "flaky":
+            token, failures, status = rest.split(":")
+            seen = self.flaky_seen[token] = self.flaky_seen.get(token, 0) + 1
+            return int(status) if seen <= int(failures) else None
+        return None
 
     async def _chunks(
         self, body: dict[str, Any], answer: str, *, broken: bool
