@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.kafka import Topics
 from services.common.openai_errors import error_body
@@ -42,6 +43,35 @@ from services.gateway.tables import TableSource
 logger = logging.getLogger(__name__)
 
 
+CHAT_PATH = "/v1/chat/completions"
+
+
+class ChatFastPath:
+    """ASGI: POST /v1/chat/completions straight to the endpoint, the rest to `app`."""
+
+    def __init__(self, chat: ChatEndpoint, app: ASGIApp) -> None:
+        self._chat = chat
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != CHAT_PATH
+            or scope["method"] != "POST"
+        ):
+            await self._app(scope, receive, send)
+            return
+        try:
+            response = await self._chat.handle(Request(scope, receive))
+        except GatewayError as error:
+            response = error_response(error)
+        except Exception:
+            # What Starlette's error middleware would do, in OpenAI's shape.
+            logger.exception("chat request failed unexpectedly")
+            response = error_response(GatewayError("internal error in the gateway"))
+        await response(scope, receive, send)
+
+
 class GatewayApi:
     """The endpoints, sharing the table source, upstream client and publisher."""
 
@@ -67,8 +97,15 @@ class GatewayApi:
             interactions_topic=self._topics.interactions,
         )
 
-    def application(self) -> Starlette:
-        """The ASGI application serving every endpoint."""
+    def application(self) -> ASGIApp:
+        """The ASGI application serving every endpoint.
+
+        Chat completions, the hot path, skip Starlette's router and middleware (a
+        fifth of the gateway's CPU per request); every other path goes through them.
+        """
+        return ChatFastPath(self.chat, self._router())
+
+    def _router(self) -> Starlette:
         routes = [
             HttpRoute("/v1/chat/completions", self.chat.handle, methods=["POST"]),
             HttpRoute("/v1/feedback", self.feedback, methods=["POST"]),

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import uvicorn
 from aiokafka import AIOKafkaProducer
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from services.common.kafka import make_producer
 from services.gateway.api import GatewayApi
@@ -79,7 +79,7 @@ class App:
             upstream=self._upstream,
             publisher=self.publisher,
         )
-        self.asgi: Starlette = self.api.application()
+        self.asgi: ASGIApp = self.api.application()
         self.port: int | None = None
         self.listening = asyncio.Event()
         self._stop = asyncio.Event()
@@ -160,6 +160,8 @@ class App:
             lifespan="off",
             log_config=None,
             access_log=False,
+            # Client addresses are not used: no X-Forwarded-For parsing per request.
+            proxy_headers=False,
             timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
         )
         server = _Server(config)
