@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from grpc import aio as grpc_aio
 
+from services.common.sealing import SealingError
 from services.stack import (
     DEV_API_KEY,
     DEV_CONTROL_TOKEN,
@@ -172,6 +173,46 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """`flywheel db rotate-key`: re-seal message content to the active key."""
+    from pydantic import ValidationError
+
+    from services.common import db
+    from services.common.key_rotation import RotationSettings, rotate_content_key
+    from services.common.settings import PostgresSettings
+
+    try:
+        keyring = RotationSettings.load().encryption.keyring
+    except ValidationError as error:
+        problems = "; ".join(str(item["msg"]) for item in error.errors())
+        print(f"flywheel: encryption settings: {problems}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("flywheel: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    settings = PostgresSettings(dsn=args.dsn, db_schema=args.schema, pool_min_size=0)
+    pool = await db.create_pool(settings)
+    try:
+        result = await rotate_content_key(pool, keyring, batch_size=args.batch_size)
+    finally:
+        await pool.close()
+    counts = ", ".join(f"{table} {n}" for table, n in result.resealed.items())
+    _print(
+        f"re-sealed {result.total_resealed} rows to key {keyring.active_key_id!r}"
+        f" ({counts})"
+    )
+    left = {table: n for table, n in result.remaining.items() if n}
+    if left:
+        _print(f"still on another key (locked or written meanwhile): {left}; run again")
+    return 0
+
+
+async def cmd_db(args: argparse.Namespace) -> int:
+    if args.db_command == "rotate-key":
+        return await cmd_rotate_key(args)
+    return await cmd_migrate(args)
+
+
 async def cmd_manual(args: argparse.Namespace) -> int:
     """`flywheel promote` / `flywheel rollback` through the control plane."""
     from services.common.control import auth_metadata, open_channel
@@ -326,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--dsn", required=True)
     migrate.add_argument("--schema", default="flywheel")
+    rotate = db_commands.add_parser(
+        "rotate-key",
+        parents=[common],
+        help="re-seal stored message content to FLYWHEEL_ENCRYPTION__ACTIVE_KEY",
+    )
+    rotate.add_argument("--dsn", required=True)
+    rotate.add_argument("--schema", default="flywheel")
+    rotate.add_argument(
+        "--batch-size", type=int, default=500, help="rows per transaction"
+    )
 
     for name in ("promote", "rollback"):
         manual = commands.add_parser(
@@ -362,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "status": cmd_status,
         "report": cmd_report,
-        "db": cmd_migrate,
+        "db": cmd_db,
         "promote": cmd_manual,
         "rollback": cmd_manual,
         "approve": cmd_approve,
@@ -382,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (OSError, asyncpg.PostgresError, StackError) as error:
+    except (OSError, asyncpg.PostgresError, StackError, SealingError) as error:
         print(f"flywheel: {error}", file=sys.stderr)
         return 1
 

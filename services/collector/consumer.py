@@ -87,6 +87,8 @@ class EventConsumer:
         self._store = store
         self._publisher = publisher
         self._settings = settings
+        # Built once from the settings: one AESGCM object per key, none per row.
+        self._keyring = settings.encryption.keyring
         self._assignment: frozenset[TopicPartition] = frozenset()
         self.totals: Counter[str] = Counter()
 
@@ -196,8 +198,8 @@ class EventConsumer:
         interactions = [event for event in events if isinstance(event, Interaction)]
         feedback = [event for event in events if isinstance(event, Feedback)]
         stored_interactions, stored_feedback = await self._store.insert_batch(
-            [interaction_row(event) for event in interactions],
-            [feedback_row(event) for event in feedback],
+            [interaction_row(event, self._keyring) for event in interactions],
+            [feedback_row(event, self._keyring) for event in feedback],
         )
         for kind, seen, stored in (
             (EventKind.INTERACTION, len(interactions), stored_interactions),

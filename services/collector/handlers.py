@@ -24,6 +24,7 @@ from services.common.events import (
     Feedback,
     Interaction,
 )
+from services.common.sealing import Keyring, seal_values
 
 # Columns of `integer` type are 32-bit signed in PostgreSQL.
 MAX_INT4 = 2**31 - 1
@@ -35,6 +36,8 @@ FULL_PATH_MARKERS = (b"\\u0000", b"NaN", b"Infinity")
 # Dead letters get a stable id per source record, so a replayed batch re-publishes
 # the same dead letter and a reader can de-duplicate it by event_id.
 DEAD_LETTER_NAMESPACE = uuid.UUID("6f1c2f4e-5b1a-4c39-9a43-0d7f3c1a2b10")
+# Rows built without a keyring are plaintext.
+NO_KEYS = Keyring.empty()
 
 
 class EventKind(StrEnum):
@@ -241,6 +244,9 @@ INTERACTION_COLUMNS = (
     "metadata",
     "started_at",
     "finished_at",
+    "content_key_id",
+    "request_messages_sealed",
+    "response_text_sealed",
 )
 
 FEEDBACK_COLUMNS = (
@@ -252,16 +258,27 @@ FEEDBACK_COLUMNS = (
     "text",
     "user_id",
     "created_at",
+    "content_key_id",
+    "text_sealed",
 )
 
 
-def interaction_row(event: Interaction) -> tuple[Any, ...]:
+def interaction_row(
+    event: Interaction, keyring: Keyring | None = None
+) -> tuple[Any, ...]:
     """The `interactions` row of an event, in INTERACTION_COLUMNS order.
 
     jsonb columns are JSON text: a list passed in an array parameter would read as
-    one more array dimension.
+    one more array dimension. With an active key in `keyring` the content columns
+    are NULL and their sealed columns hold the ciphertext.
     """
-    messages = event.request_messages
+    messages = [message.model_dump(mode="json") for message in event.request_messages]
+    key_id, (messages_plain, response_plain), sealed = seal_values(
+        keyring or NO_KEYS,
+        "interactions",
+        event.event_id,
+        (messages, event.response_text),
+    )
     return (
         event.event_id,
         event.interaction_id,
@@ -274,9 +291,9 @@ def interaction_row(event: Interaction) -> tuple[Any, ...]:
         event.upstream_model,
         event.experiment_id,
         event.arm,
-        to_json([message.model_dump(mode="json") for message in messages]),
+        None if messages_plain is None else to_json(messages_plain),
         to_json(event.request_params),
-        event.response_text,
+        response_plain,
         event.finish_reason,
         to_json(event.error.model_dump(mode="json")) if event.error else None,
         event.usage.prompt_tokens,
@@ -288,20 +305,27 @@ def interaction_row(event: Interaction) -> tuple[Any, ...]:
         to_json(event.metadata),
         as_utc(event.started_at),
         as_utc(event.finished_at),
+        key_id,
+        *sealed,
     )
 
 
-def feedback_row(event: Feedback) -> tuple[Any, ...]:
-    """The `feedback` row of an event, in FEEDBACK_COLUMNS order."""
+def feedback_row(event: Feedback, keyring: Keyring | None = None) -> tuple[Any, ...]:
+    """The `feedback` row of an event, in FEEDBACK_COLUMNS order (sealed as above)."""
+    key_id, (text,), sealed = seal_values(
+        keyring or NO_KEYS, "feedback", event.event_id, (event.text,)
+    )
     return (
         event.event_id,
         event.interaction_id,
         event.project_id,
         event.kind.value,
         event.value,
-        event.text,
+        text,
         event.user_id,
         as_utc(event.created_at),
+        key_id,
+        *sealed,
     )
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import KafkaSettings, PostgresSettings, ServiceSettings
+from services.common.settings import (
+    EncryptionSettings,
+    KafkaSettings,
+    PostgresSettings,
+    ServiceSettings,
+)
 
 MIB = 1024 * 1024
 
@@ -22,6 +27,8 @@ class CollectorSettings(ServiceSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    # Seals message content on write when a key is active (FLYWHEEL_ENCRYPTION__*).
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
 
     group_id: str = "collector"
     client_id: str = "flywheel-collector"

@@ -30,10 +30,12 @@ logger = logging.getLogger(__name__)
 INTERACTION_TYPES = (
     "uuid", "uuid", "text", "text", "text", "text", "text", "text", "text", "text",
     "text", "jsonb", "jsonb", "text", "text", "jsonb", "int4", "int4", "float8",
-    "float8", "float8", "bool", "jsonb", "timestamptz", "timestamptz",
+    "float8", "float8", "bool", "jsonb", "timestamptz", "timestamptz", "text",
+    "bytea", "bytea",
 )  # fmt: skip
 FEEDBACK_TYPES = (
-    "uuid", "uuid", "text", "text", "float8", "text", "text", "timestamptz",
+    "uuid", "uuid", "text", "text", "float8", "text", "text", "timestamptz", "text",
+    "bytea",
 )  # fmt: skip
 
 # SQLSTATE classes that blame the data, not the server: data exception, integrity

@@ -1,4 +1,4 @@
-"""Settings groups shared by the services (Kafka, PostgreSQL, control plane, logging).
+"""Settings groups shared by the services: Kafka, PostgreSQL, control, encryption, logs.
 
 Each service composes these into its own `pydantic-settings` class with its own env
 prefix (`FLYWHEEL_GATEWAY_`, ...). Nested groups read `__`-separated variables, e.g.
@@ -11,10 +11,25 @@ from __future__ import annotations
 
 import os
 import ssl
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.sealing import (
+    KEYS_FILE_SETTING,
+    KeyConfigError,
+    Keyring,
+    parse_keys,
+)
 
 
 class KafkaSettings(BaseModel):
@@ -110,6 +125,43 @@ class ControlPlaneSettings(BaseModel):
     reconnect_max_backoff_s: float = Field(default=10.0, gt=0)
 
 
+class EncryptionSettings(BaseModel):
+    """Keys that seal message content at rest (services/common/sealing.py).
+
+    `keys` is `id:base64,id:base64` (each key 32 random bytes); `keys_file` names a
+    file of such entries, one a line (a mounted Kubernetes Secret); both may be set.
+    `active_key` seals new content. Nothing set: content is stored in plaintext.
+    """
+
+    keys: SecretStr | None = None
+    keys_file: str | None = None
+    active_key: str | None = None
+    _keyring: Keyring = PrivateAttr(default_factory=Keyring.empty)
+
+    @model_validator(mode="after")
+    def _build_keyring(self) -> EncryptionSettings:
+        # Parsed once at start-up, so a malformed key fails there, naming the setting.
+        keys = parse_keys(self.keys.get_secret_value()) if self.keys else {}
+        if self.keys_file:
+            try:
+                text = Path(self.keys_file).read_text()
+            except OSError as error:
+                raise KeyConfigError(
+                    f"{KEYS_FILE_SETTING}: cannot read {self.keys_file!r}: {error}"
+                ) from None
+            for key_id, key in parse_keys(text, setting=KEYS_FILE_SETTING).items():
+                if keys.setdefault(key_id, key) != key:
+                    raise KeyConfigError(
+                        f"key id {key_id!r} has two different keys in the settings"
+                    )
+        self._keyring = Keyring(keys, self.active_key or None)
+        return self
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+
 class LoggingSettings(BaseModel):
     """Log format and level: JSON lines when deployed, plain text locally."""
 
@@ -119,7 +171,7 @@ class LoggingSettings(BaseModel):
 
 def shared_env_defaults(prefix: str = "FLYWHEEL_") -> dict[str, str]:
     """Variables given once for every service (`FLYWHEEL_KAFKA__...`), as a mapping."""
-    groups = ("KAFKA__", "POSTGRES__", "CONTROL__", "LOGGING__")
+    groups = ("KAFKA__", "POSTGRES__", "CONTROL__", "LOGGING__", "ENCRYPTION__")
     return {
         key.removeprefix(prefix): value
         for key, value in os.environ.items()

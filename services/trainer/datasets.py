@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from services.common.sealing import Keyring, content_nulls, content_select, open_content
 from services.gateway.pii import mask_text
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 TokenCounter = Callable[[list[dict[str, Any]]], int]
 
 # A positive rating: thumbs up, an implicit copy, or a score of at least 0.5; a
-# negative one: thumbs down, a regenerate, or a score below 0.5.
-CANDIDATES_SQL = """
+# negative one: thumbs down, a regenerate, or a score below 0.5. The content columns
+# come as stored (maybe sealed) and are opened by `open_candidates`.
+CANDIDATES_SQL = f"""
 WITH ratings AS (
     SELECT interaction_id,
            bool_or(kind IN ('thumbs', 'copy') AND value > 0
@@ -47,18 +49,19 @@ WITH ratings AS (
     GROUP BY interaction_id
 )
 SELECT CASE WHEN r.any_positive THEN 'positive' ELSE 'negative' END AS source,
-       i.interaction_id, r.feedback_id, i.request_messages,
-       i.response_text AS completion, i.error IS NOT NULL AS failed, i.metadata,
-       NULL::text AS model_answer
+       i.interaction_id, r.feedback_id, i.error IS NOT NULL AS failed, i.metadata,
+       {content_select("interactions", "i", "i_")},
+       {content_nulls("feedback", "f_")}
 FROM interactions i JOIN ratings r USING (interaction_id)
 WHERE i.route = $1 AND i.finished_at <= $2 AND r.any_positive <> r.any_negative
 UNION ALL
-SELECT 'correction', i.interaction_id, f.event_id, i.request_messages,
-       f.text, false, i.metadata, i.response_text
+SELECT 'correction', i.interaction_id, f.event_id, false, i.metadata,
+       {content_select("interactions", "i", "i_")},
+       {content_select("feedback", "f", "f_")}
 FROM feedback f JOIN interactions i USING (interaction_id)
 WHERE i.route = $1 AND i.finished_at <= $2 AND f.kind = 'correction'
-  AND f.text IS NOT NULL AND f.text <> ''
-"""
+  AND (f.text <> '' OR f.text_sealed IS NOT NULL)
+"""  # noqa: S608 - built from constants only
 
 NEW_RATED_SQL = """
 SELECT count(DISTINCT f.interaction_id)
@@ -154,6 +157,38 @@ class Dataset(Curated):
                 digest.update(split.encode())
                 digest.update(orjson.dumps(row, option=orjson.OPT_SORT_KEYS))
         return digest.hexdigest()
+
+
+def open_candidates(
+    records: list[dict[str, Any]], keyring: Keyring
+) -> list[dict[str, Any]]:
+    """CANDIDATES_SQL's rows with their content opened, in the shape `curate` reads.
+
+    A rating's completion is the model's answer; a correction's is the user's text,
+    with the model's answer beside it (`model_answer`). A correction whose sealed
+    text opens empty is left out, as the query leaves out a plaintext empty one.
+    """
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        interaction = open_content(keyring, "interactions", record, prefix="i_")
+        row = {
+            "source": record["source"],
+            "interaction_id": record["interaction_id"],
+            "feedback_id": record["feedback_id"],
+            "failed": record["failed"],
+            "metadata": record["metadata"],
+            "request_messages": interaction["request_messages"],
+            "completion": interaction["response_text"],
+            "model_answer": None,
+        }
+        if record["source"] == "correction":
+            correction = open_content(keyring, "feedback", record, prefix="f_")
+            if not correction["text"]:
+                continue
+            row["completion"] = correction["text"]
+            row["model_answer"] = interaction["response_text"]
+        rows.append(row)
+    return rows
 
 
 def normalize(text: str) -> str:

@@ -162,6 +162,7 @@ class Pipeline:
             max_tokens=settings.max_example_tokens,
             out_dir=Path(settings.datasets_dir),
             count_tokens=await self.token_counter(),
+            keyring=settings.encryption.keyring,
         )
         timings["dataset_s"] = loop.time() - started
         if len(dataset.train) < MIN_TRAIN_ROWS:

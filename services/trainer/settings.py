@@ -9,6 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import (
     ControlPlaneSettings,
+    EncryptionSettings,
     PostgresSettings,
     ServiceSettings,
 )
@@ -68,6 +69,8 @@ class TrainerSettings(ServiceSettings):
 
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     control: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+    # Opens sealed message content when datasets are built (FLYWHEEL_ENCRYPTION__*).
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=1, le=65535)
     metrics_host: str = "127.0.0.1"

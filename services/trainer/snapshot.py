@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from services.common.sealing import Keyring
 from services.trainer import openai_format
 from services.trainer.datasets import (
     CANDIDATES_SQL,
@@ -23,6 +24,7 @@ from services.trainer.datasets import (
     TokenCounter,
     approx_tokens,
     curate,
+    open_candidates,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,14 +93,17 @@ async def build_dataset(
     max_tokens: int,
     out_dir: Path,
     count_tokens: TokenCounter = approx_tokens,
+    keyring: Keyring | None = None,
 ) -> Dataset:
     """Curate, store and export a dataset of everything rated up to `window_end`.
 
     The query window starts at the beginning of the route's history (window_start
     is NULL): each snapshot holds every signal so far, and is reproducible from the
-    same rows by its window end.
+    same rows by its window end. Sealed content is opened with `keyring` (no
+    keyring: only plaintext rows can be read).
     """
-    rows = [dict(row) for row in await pool.fetch(CANDIDATES_SQL, route, window_end)]
+    records = [dict(row) for row in await pool.fetch(CANDIDATES_SQL, route, window_end)]
+    rows = open_candidates(records, keyring or Keyring.empty())
     # A stable order, so the same rows give the same content hash.
     rows.sort(key=lambda row: (str(row["interaction_id"]), row["source"]))
     curated = curate(
