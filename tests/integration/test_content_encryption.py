@@ -20,7 +20,7 @@ from services.collector.store import EventStore
 from services.common.events import encode
 from services.common.kafka import Topics, make_producer
 from services.common.key_rotation import rotate_content_key
-from services.common.sealing import Keyring, UnknownKeyError
+from services.common.sealing import KeyConfigError, Keyring, UnknownKeyError
 from services.common.settings import EncryptionSettings, KafkaSettings, PostgresSettings
 from services.trainer.snapshot import build_dataset
 from tests.conftest import REPO_ROOT, wait_until
@@ -277,3 +277,35 @@ async def test_cli_rotate_key_prints_counts_and_refuses_bad_keys(
     assert bad_code == 2
     assert "FLYWHEEL_ENCRYPTION__ACTIVE_KEY='kc'" in bad
     assert set(await key_ids(pg_pool)) == {"kb"}
+
+
+async def test_schema_refuses_a_row_with_a_key_id_and_plaintext_content(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    keyring = keys("ka", f"ka:{KEY_A}").keyring
+    interaction = make_interaction()
+    feedback = make_feedback(interaction.interaction_id, kind="comment", text="hi")
+    await EventStore(pg_pool).insert_batch(
+        [interaction_row(interaction, keyring)], [feedback_row(feedback, keyring)]
+    )
+
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg_pool.execute(
+            "UPDATE interactions SET response_text = 'leaked' WHERE event_id = $1",
+            interaction.event_id,
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg_pool.execute(
+            "UPDATE feedback SET text = 'leaked' WHERE event_id = $1",
+            feedback.event_id,
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg_pool.execute(
+            "UPDATE interactions SET content_key_id = NULL WHERE event_id = $1",
+            interaction.event_id,
+        )
+
+
+async def test_rotate_without_an_active_key_refuses(pg_pool: asyncpg.Pool) -> None:
+    with pytest.raises(KeyConfigError, match="FLYWHEEL_ENCRYPTION__ACTIVE_KEY"):
+        await rotate_content_key(pg_pool, Keyring.empty())
