@@ -13,6 +13,13 @@ gateway's p50 as a ratio of the baseline's, the achieved rate, the gateway's CPU
 request (from /proc), and at the end whether every answered request's interaction
 event was acknowledged by the broker (the gateway's own counters).
 
+With the peers installed as `../shared/peerbench/README.md` says (in
+`$PEERBENCH_HOME`, default `~/peerbench`: a venv `venv` with `litellm[proxy]` and a venv
+`venv-tz` with `tensorzero`, never in the project's environment), the LiteLLM proxy
+(one worker) and TensorZero's gateway (logging off) run in the same session as extra
+targets, each alone on the gateway's core while it is measured, routed to the same
+stub; the table then compares the added latencies. `--no-peers` leaves them out.
+
 Needs `wrk` (`apt-get install -y wrk`) and a Python with uvloop, httptools and orjson
 for the stub (`--stub-python`, default this interpreter if it has them, else
 `$PEERBENCH_HOME/venv/bin/python`).
@@ -25,6 +32,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -44,6 +52,10 @@ from services.gateway.settings import hash_api_key
 
 REPO = Path(__file__).resolve().parents[1]
 PEERBENCH = Path(os.environ.get("PEERBENCH_DIR", REPO.parent / "shared" / "peerbench"))
+PEERBENCH_HOME = Path(os.environ.get("PEERBENCH_HOME", Path.home() / "peerbench"))
+LITELLM = PEERBENCH_HOME / "venv" / "bin" / "litellm"
+TENSORZERO_PYTHON = PEERBENCH_HOME / "venv-tz" / "bin" / "python"
+TENSORZERO_URL = re.compile(r"base_url=(\S+)")
 API_KEY = "sk-bench"  # chat.lua's default bearer key
 ROUTE = "stub-model"  # chat.lua's default model
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -60,6 +72,8 @@ class Target:
     url: str
     pid: int | None = None
     path: str = "/v1/chat/completions"
+    model: str = ROUTE
+    auth: str = API_KEY
 
 
 @dataclass
@@ -127,8 +141,8 @@ def run_wrk(target: Target, mode: str, rate: int, args: argparse.Namespace) -> R
     env = {
         **os.environ,
         "PATH_": target.path,
-        "MODEL": ROUTE,
-        "AUTH": API_KEY,
+        "MODEL": target.model,
+        "AUTH": target.auth,
         "STREAM": "1" if mode == "stream" else "0",
         "RATE": str(rate),
         "THREADS": "1",
@@ -206,7 +220,7 @@ class Bench:
             producer_max_batch_bytes=1,
         )
 
-    def start(self) -> tuple[Target, Target]:
+    def start(self) -> list[Target]:
         # 1. The broker, on the load generator's core, and the topics.
         self.broker.start()
         assert self.broker.process is not None
@@ -242,9 +256,93 @@ class Bench:
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         wait_http_ok(f"{gateway_url}/healthz", gateway, READY_TIMEOUT_S)
-        return (
+        targets = [
             Target("direct", stub_url, stub.pid),
             Target("gateway", gateway_url, gateway.pid),
+        ]
+        # 4. The peers, on the gateway's core, each idle while another is measured.
+        if self.args.peers:
+            targets.append(self._start_litellm(stub_url))
+            targets.append(self._start_tensorzero(stub_url))
+        return targets
+
+    def _start_litellm(self, stub_url: str) -> Target:
+        """The LiteLLM proxy, one worker, no database, routed to the stub."""
+        config = self.workdir / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            f"  - model_name: {ROUTE}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{ROUTE}\n"
+            f"      api_base: {stub_url}/v1\n"
+            "      api_key: sk-stub\n"
+            "litellm_settings:\n"
+            "  set_verbose: false\n"
+            "  telemetry: false\n"
+            "  drop_params: true\n"
+        )
+        # A throwaway master key: LiteLLM refuses to start without one.
+        master_key = f"sk-bench-{secrets.token_hex(16)}"
+        port = free_port()
+        process = self._spawn(
+            pin(
+                self.args.gateway_cpu,
+                [
+                    str(LITELLM),
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--num_workers",
+                    "1",
+                ],
+            ),  # fmt: skip
+            "litellm",
+            env={
+                **os.environ,
+                "LITELLM_MASTER_KEY": master_key,
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "LITELLM_LOG": "ERROR",
+                "LITELLM_TELEMETRY": "False",
+            },
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http_ok(f"{url}/health/liveliness", process, 180.0)
+        return Target("litellm", url, process.pid, auth=master_key)
+
+    def _start_tensorzero(self, stub_url: str) -> Target:
+        """TensorZero's Rust gateway from its wheel, observability off."""
+        config = self.workdir / "tensorzero.toml"
+        config.write_text(
+            "[gateway.observability]\nenabled = false\n\n"
+            '[models.stub]\nrouting = ["stub"]\n\n'
+            '[models.stub.providers.stub]\ntype = "openai"\n'
+            f'api_base = "{stub_url}/v1/"\n'
+            f'model_name = "{ROUTE}"\napi_key_location = "none"\n'
+        )
+        process = self._spawn(
+            pin(
+                self.args.gateway_cpu,
+                [str(TENSORZERO_PYTHON), str(PEERBENCH / "tz_gateway.py"), str(config)],
+            ),
+            "tensorzero",
+            env={**os.environ, "TENSORZERO_DISABLE_PSEUDONYMOUS_USAGE_ANALYTICS": "1"},
+        )
+        log = self.workdir / "tensorzero.log"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while (match := TENSORZERO_URL.search(log.read_text())) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"TensorZero did not start: {log.read_text()}")
+            time.sleep(0.2)
+        url = match.group(1).removesuffix("/openai/v1")
+        return Target(
+            "tensorzero",
+            url,
+            process.pid,
+            path="/openai/v1/chat/completions",
+            model="tensorzero::model_name::stub",
         )
 
     def _gateway_env(self, port: int, stub_url: str) -> dict[str, str]:
@@ -299,8 +397,9 @@ def wait_all_published(url: str) -> dict[str, float]:
         time.sleep(0.5)
 
 
-def measure(args: argparse.Namespace, direct: Target, gateway: Target) -> list[Run]:
-    for target in (direct, gateway):  # warm-up, not recorded
+def measure(args: argparse.Namespace, targets: list[Target]) -> list[Run]:
+    gateway = next(target for target in targets if target.name == "gateway")
+    for target in targets:  # warm-up, not recorded
         for mode in args.modes:
             run_wrk(
                 target, mode, 0, argparse.Namespace(**{**vars(args), "duration": 3})
@@ -308,7 +407,10 @@ def measure(args: argparse.Namespace, direct: Target, gateway: Target) -> list[R
     runs = []
     for mode in args.modes:
         for rate in args.rates:
-            for target in (direct, gateway):
+            for target in targets:
+                # The gateway's core is the peers' too: let it finish publishing
+                # (replaying what it spooled) before anything else is measured.
+                wait_all_published(gateway.url)
                 time.sleep(args.pause)
                 run = run_wrk(target, mode, rate, args)
                 runs.append(run)
@@ -327,13 +429,13 @@ def table(runs: list[Run]) -> str:
     """Markdown: baseline and gateway percentiles, the difference, rate and CPU."""
     by_key = {(run.target, run.mode, run.rate): run for run in runs}
     lines = [
-        "| mode | rate req/s | direct p50/p90/p99 ms | gateway p50/p90/p99 ms "
-        "| added p50/p90/p99 ms | gateway/direct p50 | achieved req/s "
-        "| gateway CPU ms/req | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| target | mode | rate req/s | direct p50/p90/p99 ms | target p50/p90/p99 ms "
+        "| added p50/p90/p99 ms | target/direct p50 | achieved req/s "
+        "| target CPU ms/req | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        if run.target != "gateway":
+        if run.target == "direct":
             continue
         base = by_key[("direct", run.mode, run.rate)]
         cells = ("p50_ms", "p90_ms", "p99_ms")
@@ -341,13 +443,67 @@ def table(runs: list[Run]) -> str:
         note = "SATURATED" if run.saturated else ""
         if run.get("non200") or base.saturated:
             note += f" non200={run.get('non200'):.0f} direct_sat={base.saturated}"
+        mode = "streaming" if run.mode == "stream" else "non-streaming"
         lines.append(
-            f"| {'streaming' if run.mode == 'stream' else 'non-streaming'} "
+            f"| {run.target} | {mode} "
             f"| {run.rate} | {'/'.join(f'{base.get(c):.2f}' for c in cells)} "
             f"| {'/'.join(f'{run.get(c):.2f}' for c in cells)} | {added} "
             f"| {run.get('p50_ms') / base.get('p50_ms'):.2f}x "
             f"| {run.get('achieved_rps'):.0f} | {run.cpu_ms_per_request:.3f} "
             f"| {note.strip()} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison(runs: list[Run]) -> str:
+    """Markdown: our added latency against each peer's, as ratios, per mode and rate.
+
+    "x less than LiteLLM" is LiteLLM's added p50 over ours (goal: at least 10);
+    "x TensorZero" is ours over TensorZero's (goal: at most 3). A saturated run has
+    no constant-rate latency to compare: its cell says so.
+    """
+    by_key = {(run.target, run.mode, run.rate): run for run in runs}
+
+    def added(target: str, mode: str, rate: int, cell: str) -> float | None:
+        run, base = by_key.get((target, mode, rate)), by_key[("direct", mode, rate)]
+        if run is None or run.saturated:
+            return None
+        return max(run.get(cell) - base.get(cell), 0.001)
+
+    lines = [
+        "| mode | rate req/s | added p50 ms ours / LiteLLM / TensorZero "
+        "| added p99 ms ours / LiteLLM / TensorZero | x less than LiteLLM (p50) "
+        "| x TensorZero (p50) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = sorted({(run.mode, run.rate) for run in runs}, key=lambda k: (k[0], k[1]))
+    for mode, rate in keys:
+        cells = {}
+        for cell in ("p50_ms", "p99_ms"):
+            cells[cell] = [
+                added(target, mode, rate, cell)
+                for target in ("gateway", "litellm", "tensorzero")
+            ]
+
+        def show(value: float | None) -> str:
+            return "saturated" if value is None else f"{value:.2f}"
+
+        ours, litellm, tensorzero = cells["p50_ms"]
+        versus_litellm = (
+            "LiteLLM saturated"
+            if litellm is None
+            else "ours saturated"
+            if ours is None
+            else f"{litellm / ours:.1f}x"
+        )
+        versus_tz = (
+            "n/a" if ours is None or tensorzero is None else f"{ours / tensorzero:.1f}x"
+        )
+        lines.append(
+            f"| {'streaming' if mode == 'stream' else 'non-streaming'} | {rate} "
+            f"| {' / '.join(show(v) for v in cells['p50_ms'])} "
+            f"| {' / '.join(show(v) for v in cells['p99_ms'])} "
+            f"| {versus_litellm} | {versus_tz} |"
         )
     return "\n".join(lines)
 
@@ -375,7 +531,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gateway-cpu", default="1" if two_cores else None)
     parser.add_argument("--load-cpus", default="0" if two_cores else None)
     parser.add_argument("--stub-python", default=None)
+    parser.add_argument(
+        "--no-peers",
+        dest="peers",
+        action="store_false",
+        help="leave LiteLLM and TensorZero out even when installed",
+    )
     args = parser.parse_args(argv)
+    if args.peers and not (LITELLM.exists() and TENSORZERO_PYTHON.exists()):
+        print(
+            f"peers not measured: no {LITELLM} or {TENSORZERO_PYTHON} (see "
+            "../shared/peerbench/README.md to install them)",
+            file=sys.stderr,
+        )
+        args.peers = False
     args.rates = [int(rate) for rate in args.rates.split(",") if rate]
     args.modes = [mode for mode in args.modes.split(",") if mode]
     args.stub_python = args.stub_python or default_stub_python()
@@ -397,13 +566,16 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
-            direct, gateway = bench.start()
-            runs = measure(args, direct, gateway)
-            counts = wait_all_published(gateway.url)
+            targets = bench.start()
+            runs = measure(args, targets)
+            counts = wait_all_published(targets[1].url)
         finally:
             bench.stop()
     print()
     print(table(runs))
+    if args.peers:
+        print()
+        print(comparison(runs))
     lost = counts["requests"] - counts["published"]
     print(
         f"\nevents: {counts['requests']:.0f} chat requests answered (warm-up "
