@@ -126,10 +126,13 @@ class Stack:
     # -- environment -------------------------------------------------------------
 
     def shared_env(self) -> dict[str, str]:
+        # The stack sets every service's addresses itself: the caller's FLYWHEEL_
+        # variables are dropped, except the content encryption keys, passed on.
         env = {
             key: value
             for key, value in os.environ.items()
             if not key.startswith("FLYWHEEL_")
+            or key.startswith("FLYWHEEL_ENCRYPTION__")
         }
         env.update(
             {
