@@ -1,18 +1,16 @@
 """The analyzer's Prometheus metrics: one collector reading a snapshot of its tables.
 
-The HTTP server runs in a thread; the snapshot is taken on the event loop (the tables
+The HTTP server (services/common/probes.py, beside /livez and /readyz) runs in a
+thread; the snapshot is taken on the event loop (the tables
 are not thread-safe) and handed over, so a scrape always sees consistent numbers.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,8 +20,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from services.analyzer.stats import Decision
-
-logger = logging.getLogger(__name__)
 
 PREFIX = "flywheel_analyzer"
 VARIANT_LABELS = ["route", "variant", "arm"]
@@ -201,12 +197,10 @@ def _arm_families(experiments: tuple[ExperimentGauges, ...]) -> Iterator[Metric]
         yield family
 
 
-def start_metrics_server(
-    host: str, port: int, read_snapshot: Callable[[], MetricsSnapshot]
-) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics from a thread; returns the server to shut down at the end."""
+def analyzer_registry(
+    read_snapshot: Callable[[], MetricsSnapshot],
+) -> CollectorRegistry:
+    """The registry /metrics serves: the analyzer's collector alone."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AnalyzerCollector(read_snapshot))
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    logger.info("metrics served host=%s port=%d", host, server.server_port)
-    return server, thread
+    return registry

@@ -10,23 +10,50 @@ import faust
 from mode import Service
 
 from services.analyzer.app import Analyzer
-from services.analyzer.metrics import MetricsSnapshot, start_metrics_server
+from services.analyzer.metrics import MetricsSnapshot, analyzer_registry
 from services.analyzer.settings import AnalyzerSettings
+from services.common.dependencies import kafka_problems
+from services.common.probes import ProbeServer
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT_S = 5.0
 
 
+def analyzer_problems(app: faust.App) -> list[str]:
+    """Readiness of the faust worker: running, in its group, tables recovered.
+
+    Reads state faust keeps on the event loop; `recovery.completed` is set once the
+    first assignment's tables are rebuilt from their changelogs (and stays set),
+    `in_recovery` and `rebalancing` cover every later rebalance.
+    """
+    if app.state != "running":
+        return [f"the faust worker is {app.state}"]
+    # faust's TableManager has `recovery`; its protocol type does not declare it.
+    recovery = app.tables.recovery  # type: ignore[attr-defined]
+    if not recovery.completed.is_set():
+        return ["tables not recovered yet (joining the group or reading changelogs)"]
+    if app.in_recovery:
+        return ["tables recovering after a rebalance"]
+    if app.rebalancing:
+        return ["the consumer group is rebalancing"]
+    return []
+
+
+def worker_crashed(app: faust.App) -> list[str]:
+    """Liveness: a crashed faust worker (read from the probe server's thread)."""
+    return ["the faust worker crashed"] if app.state == "crashed" else []
+
+
 class Sidecar(Service):
-    """What runs beside the faust app: the metrics server and the routing watcher."""
+    """What runs beside the faust app: metrics and probes, the routing watcher."""
 
     def __init__(self, analyzer: Analyzer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._analyzer = analyzer
         self._stop = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
-        self._server: Any = None
+        self._probes: ProbeServer | None = None
         self._last_snapshot = MetricsSnapshot()
 
     async def on_start(self) -> None:
@@ -42,9 +69,22 @@ class Sidecar(Service):
                 logger.warning("metrics snapshot timed out, serving the previous one")
             return self._last_snapshot
 
-        self._server, _ = start_metrics_server(
-            settings.metrics_host, settings.metrics_port, read_snapshot
+        app, kafka = self._analyzer.app, settings.kafka
+
+        async def faust_problems() -> list[str]:
+            return analyzer_problems(app)
+
+        async def broker_problems() -> list[str]:
+            return await kafka_problems(kafka, client_id=f"{settings.app_id}-probe")
+
+        self._probes = ProbeServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            registry=analyzer_registry(read_snapshot),
+            live_checks={"faust": lambda: worker_crashed(app)},
+            ready_checks={"faust": faust_problems, "kafka": broker_problems},
         )
+        self._probes.start()
         self._watch_task = asyncio.create_task(
             self._analyzer.watcher.watch_loop(self._stop)
         )
@@ -57,9 +97,8 @@ class Sidecar(Service):
             except TimeoutError:
                 logger.warning("routing watcher did not stop in 5 s, cancelled")
         await self._analyzer.judge.close()
-        if self._server is not None:
-            await asyncio.to_thread(self._server.shutdown)
-            self._server.server_close()
+        if self._probes is not None:
+            await asyncio.to_thread(self._probes.stop)
 
 
 def run(settings: AnalyzerSettings) -> None:

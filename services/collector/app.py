@@ -8,14 +8,17 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+
 from services.collector import metrics
-from services.collector.consumer import EventConsumer, wait_or_stop
+from services.collector.consumer import EventConsumer, GroupMembership, wait_or_stop
 from services.collector.errors import CollectorError
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.settings import CollectorSettings
 from services.collector.store import EventStore
-from services.common import db
+from services.common.dependencies import PostgresLink
 from services.common.kafka import Topics, make_consumer, make_producer
+from services.common.probes import Heartbeat, ProbeServer
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,18 @@ class App:
         self.settings = settings
         self.stopping = asyncio.Event()
         self.intake: EventConsumer | None = None
+        self.postgres = PostgresLink(settings.postgres)
+        self.membership = GroupMembership()
+        self.heartbeat = Heartbeat("consume loop", settings.liveness_timeout_s)
+        self.probes = ProbeServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            live_checks={"collector": self.heartbeat.problems},
+            ready_checks={
+                "kafka": self._kafka_problems,
+                "postgres": self.postgres.problems,
+            },
+        )
 
     def stop(self) -> None:
         """Ask the app to finish the batch in hand, commit it and close. Idempotent."""
@@ -39,13 +54,25 @@ class App:
         settings = self.settings
         logger.info("collector starting settings=%s", settings.model_dump(mode="json"))
 
-        # Schema first: nothing is consumed before the tables exist.
-        if settings.migrate_on_start:
-            await db.migrate(settings.postgres)
-
         async with contextlib.AsyncExitStack() as stack:
-            # Dependencies; the exit stack closes them in reverse (consumer first).
-            intake, store = await self._start_clients(stack)
+            # /metrics, /livez and /readyz first: they answer (unready) during start-up.
+            if settings.metrics_port:
+                self.probes.start()
+                stack.callback(self.probes.stop)
+
+            # PostgreSQL, waited for; the schema before anything is consumed.
+            pool = await self.postgres.connect(
+                self.stopping,
+                migrate=settings.migrate_on_start,
+                on_attempt=self.heartbeat.beat,
+            )
+            if pool is None:
+                logger.info("collector stopped before PostgreSQL answered")
+                return
+            stack.push_async_callback(_close_within, self.postgres.close, "pool")
+
+            # Kafka clients; the exit stack closes them in reverse (consumer first).
+            intake, store = await self._start_clients(stack, pool)
             self.intake = intake
 
             # Run the intake and its periodic siblings until stop or a failure.
@@ -58,29 +85,21 @@ class App:
         logger.info("collector stopped %s", describe_totals(intake.totals))
 
     async def _start_clients(
-        self, stack: contextlib.AsyncExitStack
+        self, stack: contextlib.AsyncExitStack, pool: asyncpg.Pool
     ) -> tuple[EventConsumer, EventStore]:
         settings = self.settings
         topics = Topics(settings.kafka.topic_prefix)
-
-        # /metrics first, so it answers while the consumer joins its group.
-        server = metrics.MetricsServer(settings.metrics_host, settings.metrics_port)
-        server.start()
-        stack.callback(server.stop)
-
-        pool = await db.create_pool(settings.postgres)
-        stack.push_async_callback(_close_within, pool.close, "pool")
 
         producer = make_producer(settings.kafka, client_id=settings.client_id)
         await producer.start()
         stack.push_async_callback(_close_within, producer.stop, "producer")
 
         consumer = make_consumer(
-            settings.kafka,
-            topics.interactions,
-            topics.feedback,
-            group_id=settings.group_id,
-            client_id=settings.client_id,
+            settings.kafka, group_id=settings.group_id, client_id=settings.client_id
+        )
+        # The listener tells readiness whether the consumer is in its group.
+        consumer.subscribe(
+            topics=[topics.interactions, topics.feedback], listener=self.membership
         )
         await consumer.start()
         stack.push_async_callback(_close_within, consumer.stop, "consumer")
@@ -89,7 +108,16 @@ class App:
             producer, topics.deadletter, timeout_s=settings.kafka_timeout_s
         )
         store = EventStore(pool)
-        return EventConsumer(consumer, store, publisher, settings), store
+        intake = EventConsumer(
+            consumer, store, publisher, settings, heartbeat=self.heartbeat
+        )
+        return intake, store
+
+    async def _kafka_problems(self) -> list[str]:
+        """Readiness: the consumer is in its group (with or without partitions)."""
+        if self.membership.joined:
+            return []
+        return [f"the consumer has not joined group {self.settings.group_id!r} yet"]
 
     async def _intake_task(self, intake: EventConsumer) -> None:
         # The intake ending (stop, or an abandoned batch) ends the periodic loops too.

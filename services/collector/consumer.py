@@ -17,7 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from services.collector import metrics
@@ -37,6 +42,7 @@ from services.collector.settings import CollectorSettings
 from services.collector.store import EventStore, RowRefusedError
 from services.common.events import Feedback, Interaction
 from services.common.kafka import Topics
+from services.common.probes import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,26 @@ class Prepared:
     started: float
 
 
+class GroupMembership(ConsumerRebalanceListener):  # type: ignore[misc]  # untyped
+    """Whether the consumer is a member of its group now, for readiness.
+
+    aiokafka calls `on_partitions_assigned` after every completed join, also with an
+    empty assignment (more members than partitions), and `on_partitions_revoked`
+    before every rejoin: in between, the member is in the group.
+    """
+
+    def __init__(self) -> None:
+        self.joined = False
+        self.assigned: frozenset[TopicPartition] = frozenset()
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.joined = False
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.joined = True
+        self.assigned = frozenset(assigned)
+
+
 class EventConsumer:
     """Consumes interactions and feedback in batches until the stop event is set."""
 
@@ -76,6 +102,8 @@ class EventConsumer:
         store: EventStore,
         publisher: DeadLetterPublisher,
         settings: CollectorSettings,
+        *,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         topics = Topics(settings.kafka.topic_prefix)
         self._kinds = {
@@ -90,6 +118,10 @@ class EventConsumer:
         # Built once from the settings: one AESGCM object per key, none per row.
         self._keyring = settings.encryption.keyring
         self._assignment: frozenset[TopicPartition] = frozenset()
+        # Beaten on every poll and every retry: /livez fails when neither happens.
+        self.heartbeat = heartbeat or Heartbeat(
+            "consume loop", settings.liveness_timeout_s
+        )
         self.totals: Counter[str] = Counter()
 
     async def consume_loop(self, stop: asyncio.Event) -> None:
@@ -103,6 +135,7 @@ class EventConsumer:
         in_flight: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
+                self.heartbeat.beat()
                 batch = await self._consumer.getmany(
                     timeout_ms=self._settings.batch_timeout_ms,
                     max_records=self._settings.max_batch_size,
@@ -261,6 +294,7 @@ class EventConsumer:
         """Run `operation`, retrying retriable errors with backoff until stop is set."""
         delay_s = self._settings.store_retry_min_s
         while True:
+            self.heartbeat.beat()
             try:
                 return await operation()
             except CollectorError as error:
@@ -288,6 +322,7 @@ class EventConsumer:
             # The live assignment, not the one last logged: a rebalance may have
             # revoked partitions since, and aiokafka refuses to answer for those.
             for tp in self._consumer.assignment():
+                self.heartbeat.beat()
                 highwater = self._consumer.highwater(tp)
                 if highwater is None:
                     continue

@@ -1,14 +1,12 @@
-"""Every metric the collector exports, declared once, and the /metrics endpoint."""
+"""Every metric the collector exports, declared once.
+
+They are served on /metrics by the probe server (services/common/probes.py),
+beside /livez and /readyz.
+"""
 
 from __future__ import annotations
 
-import logging
-import threading
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
-
-logger = logging.getLogger(__name__)
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_CONSUMED = Counter(
     "flywheel_collector_events_consumed_total",
@@ -53,30 +51,3 @@ ORPHAN_FEEDBACK = Gauge(
     "flywheel_collector_orphan_feedback",
     "Feedback rows (in the orphan window) whose interaction is not stored.",
 )
-
-
-class MetricsServer:
-    """The /metrics HTTP endpoint on its own thread; `stop` is idempotent."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._host = host
-        self._port = port
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Serve /metrics; does nothing when the port is 0."""
-        if self._port == 0:
-            return
-        self._server, self._thread = start_http_server(self._port, addr=self._host)
-        logger.info("metrics served host=%s port=%d", self._host, self._port)
-
-    def stop(self) -> None:
-        """Stop serving and wait for the thread."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import (
@@ -46,7 +46,8 @@ class CollectorSettings(ServiceSettings):
     store_retry_max_s: float = Field(default=10.0, gt=0)
     kafka_timeout_s: float = Field(default=30.0, gt=0)
 
-    # 0 turns the /metrics endpoint off (the metrics are still kept in-process).
+    # The port of /metrics, /livez and /readyz; 0 turns them off (the metrics are
+    # still kept in-process).
     metrics_port: int = Field(default=9101, ge=0, le=65_535)
     # NOTE: loopback by default; a deployment that is scraped from another host
     # sets FLYWHEEL_COLLECTOR_METRICS_HOST=0.0.0.0.
@@ -56,6 +57,10 @@ class CollectorSettings(ServiceSettings):
     # (an index range scan instead of the whole table); 0 checks every row.
     orphan_window_s: float = Field(default=86_400.0, ge=0)
     report_interval_s: float = Field(default=60.0, gt=0)
+    # /livez fails when the consume loop has neither polled Kafka nor retried a
+    # batch for this long. Each step of the loop is bounded by kafka_timeout_s,
+    # postgres.command_timeout_s or store_retry_max_s: keep it well above them.
+    liveness_timeout_s: float = Field(default=180.0, gt=0)
 
     # Interactions and feedback are partitioned by UTC day of storage: partitions are
     # created this many days ahead, at start and every partition_refresh_s.
@@ -65,3 +70,19 @@ class CollectorSettings(ServiceSettings):
     # replayed after it expired is stored again.
     retention_days: int = Field(default=0, ge=0)
     partition_refresh_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_liveness_bound(self) -> CollectorSettings:
+        step_s = max(
+            self.kafka_timeout_s,
+            self.postgres.command_timeout_s,
+            self.store_retry_max_s,
+            self.batch_timeout_ms / 1000,
+        )
+        if self.liveness_timeout_s < 2 * step_s:
+            raise ValueError(
+                f"liveness_timeout_s ({self.liveness_timeout_s:g}) must be at least "
+                f"twice the longest step of the consume loop ({step_s:g} s), or a slow "
+                "but healthy collector is restarted"
+            )
+        return self

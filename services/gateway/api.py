@@ -111,7 +111,10 @@ class GatewayApi:
             HttpRoute("/v1/feedback", self.feedback, methods=["POST"]),
             HttpRoute("/v1/interactions", self.log_interactions, methods=["POST"]),
             HttpRoute("/v1/models", self.models, methods=["GET"]),
-            HttpRoute("/healthz", self.healthz, methods=["GET"]),
+            # /healthz predates /readyz and stays its alias (flywheel up waits on it).
+            HttpRoute("/healthz", self.readyz, methods=["GET"]),
+            HttpRoute("/readyz", self.readyz, methods=["GET"]),
+            HttpRoute("/livez", self.livez, methods=["GET"]),
             HttpRoute("/metrics", self.metrics, methods=["GET"]),
         ]
         return Starlette(
@@ -241,7 +244,17 @@ class GatewayApi:
         ]
         return json_response({"object": "list", "data": data})
 
-    async def healthz(self, _request: Request) -> Response:
+    async def livez(self, _request: Request) -> Response:
+        """200 whenever the event loop answers at all.
+
+        Kafka and the routing table are left out on purpose: the gateway keeps
+        serving (and spooling) through an outage of either, and a restart would not
+        bring them back. The background loops run in one task group with the server,
+        so one of them failing ends the process rather than leaving it half alive.
+        """
+        return json_response({"status": "ok", "problems": []})
+
+    async def readyz(self, _request: Request) -> Response:
         """200 when the producer is up and a routing table is held, else 503 and why."""
         problems = []
         if not self._publisher.started:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import start_http_server
+from grpc import aio
 
-from services.common import db
+from services.common.dependencies import PostgresLink
+from services.common.probes import ProbeServer
 from services.trainer.pipeline import Pipeline
 from services.trainer.rollout import RolloutController
 from services.trainer.server import (
@@ -26,6 +27,19 @@ class App:
 
     def __init__(self, settings: TrainerSettings) -> None:
         self.settings = settings
+        self.postgres = PostgresLink(settings.postgres)
+        self.broadcast = TableBroadcast()
+        self.control_server: aio.Server | None = None
+        # Liveness is the event loop answering (the probe server's own check): the
+        # loops below run in one task group, and any of them failing ends the process.
+        self.probes = ProbeServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            ready_checks={
+                "postgres": self.postgres.problems,
+                "control_plane": self._control_problems,
+            },
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
@@ -44,11 +58,24 @@ class App:
             settings.postgres.db_schema,
         )
 
-        # Start dependencies: the schema, the pool, the registry.
-        await db.migrate(settings.postgres)
-        pool = await db.create_pool(settings.postgres)
+        # /metrics, /livez and /readyz first: they answer (unready) during start-up.
+        if settings.metrics_port:
+            self.probes.start()
+        try:
+            await self._run(stop)
+        finally:
+            self.probes.stop()
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+
+        # Start dependencies: the schema and the pool (waited for), the registry.
+        pool = await self.postgres.connect(stop, migrate=True)
+        if pool is None:
+            logger.info("trainer stopped before PostgreSQL answered")
+            return
         registry = Registry(pool)
-        broadcast = TableBroadcast()
+        broadcast = self.broadcast
         controller = RolloutController(
             registry,
             schema=settings.postgres.db_schema,
@@ -56,28 +83,39 @@ class App:
             steps=settings.rollout_steps,
             policy_for=settings.policy_for,
         )
-        await controller.ensure_bootstrap(
-            settings.route,
-            base_model=settings.base_model,
-            upstream_url=settings.inference_base_url,
-        )
-        await broadcast.publish(await registry.routing_table())
-        if settings.metrics_port:
-            start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        try:
+            await controller.ensure_bootstrap(
+                settings.route,
+                base_model=settings.base_model,
+                upstream_url=settings.inference_base_url,
+            )
+            await broadcast.publish(await registry.routing_table())
+            await self._serve(stop, registry, controller)
+        finally:
+            await self.postgres.close()
+            logger.info("trainer stopped")
+
+    async def _serve(
+        self, stop: asyncio.Event, registry: Registry, controller: RolloutController
+    ) -> None:
+        settings = self.settings
 
         # Serve the control plane, follow the database, run the scheduler.
         server = await start_control_server(
             settings.control,
             host=settings.grpc_host,
             port=settings.grpc_port,
-            broadcast=broadcast,
+            broadcast=self.broadcast,
             controller=controller,
         )
+        self.control_server = server
         pipeline = Pipeline(settings, registry, controller)
         try:
             async with asyncio.TaskGroup() as tasks:
                 loops = [
-                    tasks.create_task(follow_database_loop(registry, broadcast, stop)),
+                    tasks.create_task(
+                        follow_database_loop(registry, self.broadcast, stop)
+                    ),
                     tasks.create_task(pipeline.schedule_loop(stop)),
                     tasks.create_task(
                         controller.approvals_loop(stop, settings.approvals_interval_s)
@@ -90,7 +128,15 @@ class App:
                 for loop in loops:
                     loop.cancel()
         finally:
-            # Stop intake first (no new calls), then close the pool.
+            # Stop intake first (no new calls); the caller closes the pool.
+            self.control_server = None
             await server.stop(grace=2.0)
-            await pool.close()
-            logger.info("trainer stopped")
+
+    async def _control_problems(self) -> list[str]:
+        """Readiness: the gRPC server is serving a routing table."""
+        problems = []
+        if self.control_server is None:
+            problems.append("the gRPC control server is not serving")
+        if self.broadcast.table.version == 0:
+            problems.append("no routing table published yet")
+        return problems

@@ -135,6 +135,19 @@ async def test_health_says_why_it_is_unavailable(client: httpx.AsyncClient):
     assert response.json()["problems"] == ["the Kafka producer is not started"]
 
 
+async def test_readyz_is_healthz_and_livez_ignores_kafka(client: httpx.AsyncClient):
+    ready = await client.get("/readyz")
+    health = await client.get("/healthz")
+    live = await client.get("/livez")
+
+    assert ready.status_code == health.status_code == 503
+    assert ready.json() == health.json()
+    assert ready.json()["problems"] == ["the Kafka producer is not started"]
+    # Not started on Kafka is not stuck: a restart would not help.
+    assert live.status_code == 200
+    assert live.json() == {"status": "ok", "problems": []}
+
+
 async def test_models_lists_the_routes(client: httpx.AsyncClient):
     response = await client.get("/v1/models", headers=AUTH)
 

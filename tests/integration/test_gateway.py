@@ -155,8 +155,13 @@ async def test_openai_client_round_trip_publishes_masked_events(
 
 
 async def test_health_is_ok_once_serving(served: App):
+    base = f"http://127.0.0.1:{served.port}"
     async with httpx.AsyncClient(trust_env=False) as http:
-        response = await http.get(f"http://127.0.0.1:{served.port}/healthz")
+        response = await http.get(f"{base}/healthz")
+        ready = await http.get(f"{base}/readyz")
+        live = await http.get(f"{base}/livez")
 
     assert response.status_code == 200, response.text
     assert response.json()["routing_version"] == 3
+    assert ready.status_code == 200 and ready.json()["problems"] == []
+    assert live.status_code == 200 and live.json()["status"] == "ok"
