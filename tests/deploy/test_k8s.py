@@ -189,21 +189,47 @@ def test_every_container_is_pinned_bounded_and_unprivileged(overlay: str) -> Non
             assert tmp and "emptyDir" in mounts_by_volume[tmp[0]["name"]], name
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_service_container_has_meaningful_probes(overlay: str) -> None:
-    for service in SERVICES:
-        container = only_container(deployment(overlay, service))
-        readiness, liveness = container["readinessProbe"], container["livenessProbe"]
-        ports = {port["name"] for port in container["ports"]}
+# service -> the port name its probes are served on, its readiness path.
+PROBES = {
+    "gateway": ("http", "/readyz"),
+    "collector": ("metrics", "/readyz"),
+    "analyzer": ("metrics", "/readyz"),
+    "trainer": ("metrics", "/readyz"),
+    "inference": ("http", "/healthz"),
+}
 
-        for probe in (readiness, liveness):
-            handler = probe.get("httpGet") or probe.get("tcpSocket")
-            assert handler and handler["port"] in ports, service
-        if service in ("gateway", "inference"):
-            # /healthz is 503 until the routing table and producer (the model) are up.
-            assert readiness["httpGet"]["path"] == "/healthz"
-            # ... which must not restart a pod that only waits on a dependency.
-            assert "tcpSocket" in liveness
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_container_has_meaningful_probes(
+    overlay: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls, _, _, port_fields = SERVICES[service]
+    objects = render(overlay)
+    container = only_container(deployment(overlay, service))
+    settings = load_settings(
+        monkeypatch, cls, container_env(objects, container, SECRET_PLACEHOLDERS)
+    )
+    declared = {port["name"]: port["containerPort"] for port in container["ports"]}
+    port_name, ready_path = PROBES[service]
+
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+
+    # Readiness is an HTTP check of the dependencies, on a port the service listens
+    # on: the port's setting in the loaded settings is that very port.
+    assert readiness["httpGet"] == {"path": ready_path, "port": port_name}
+    port_field, _ = port_fields[port_name]
+    assert getattr(settings, port_field) == declared[port_name] != 0
+    if service == "inference":
+        # The socket opens before the model loads; /healthz would kill a slow load.
+        assert liveness["tcpSocket"]["port"] in declared
+    else:
+        # /livez never checks a dependency, so an outage does not restart the pod.
+        assert liveness["httpGet"] == {"path": "/livez", "port": port_name}
+    startup = container.get("startupProbe")
+    if startup is not None:
+        handler = startup.get("httpGet") or startup.get("tcpSocket")
+        assert handler["port"] in declared
 
 
 @pytest.mark.parametrize("service", SERVICES)
