@@ -266,9 +266,11 @@ class Analyzer:
         if waiting is not None:
             del self.pending[key]
             for raw in waiting["feedback"]:
-                entry = await self._count_feedback(
-                    entry, Feedback.model_validate_json(raw)
-                )
+                feedback = Feedback.model_validate_json(raw)
+                if handlers.from_other_project(entry, feedback):
+                    self._count_skipped("feedback", "other_project", event)
+                else:
+                    entry = await self._count_feedback(entry, feedback)
         self.joins[key] = entry
 
     async def _on_feedback(self, event: Event) -> None:
@@ -283,6 +285,8 @@ class Analyzer:
             self._hold_feedback(key, event_id, event)
         elif event_id in entry["feedback_ids"]:
             self._count_skipped("feedback", "duplicate", event)
+        elif handlers.from_other_project(entry, feedback):
+            self._count_skipped("feedback", "other_project", event)
         else:
             self.joins[key] = await self._count_feedback(entry, feedback)
 

@@ -149,6 +149,7 @@ def join_entry(
 ) -> dict[str, Any]:
     """What the join table keeps of an interaction for its feedback to find."""
     return {
+        "project_id": interaction.project_id,
         "route": interaction.route,
         "variant": interaction.variant,
         "arm": interaction.arm or "",
@@ -158,6 +159,17 @@ def join_entry(
         "feedback_ids": [],
         "rated": False,
     }
+
+
+def from_other_project(entry: Mapping[str, Any], feedback: Feedback) -> bool:
+    """Feedback naming another project's interaction: never counted against it.
+
+    (The gateway refuses it when it remembers the interaction; producers writing to
+    Kafka directly, or a gateway that forgot the id, can still send it.) Entries
+    written before the project was kept have none and are not checked.
+    """
+    project = entry.get("project_id")
+    return project is not None and project != feedback.project_id
 
 
 def with_feedback(entry: Mapping[str, Any], feedback: Feedback) -> dict[str, Any]:

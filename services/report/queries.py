@@ -18,13 +18,13 @@ VERSION = "coalesce(i.model_version, i.variant)"
 
 KPI_SQL = f"""
 WITH rated AS (
-    SELECT f.interaction_id,
+    SELECT f.interaction_id, f.project_id,
            count(*) AS feedback,
            count(*) FILTER (WHERE {RATED}) AS rated,
            count(*) FILTER (WHERE {POSITIVE}) AS positive,
            count(*) FILTER (WHERE f.kind = 'correction') AS corrections
     FROM feedback f
-    GROUP BY f.interaction_id
+    GROUP BY f.interaction_id, f.project_id
 )
 SELECT i.route, {VERSION} AS version,
        count(*) AS requests,
@@ -38,7 +38,7 @@ SELECT i.route, {VERSION} AS version,
        coalesce(sum(r.positive), 0) AS positive,
        coalesce(sum(r.corrections), 0) AS corrections
 FROM interactions i
-LEFT JOIN rated r USING (interaction_id)
+LEFT JOIN rated r USING (interaction_id, project_id)
 WHERE i.finished_at >= $1 AND i.finished_at < $2
 GROUP BY i.route, version
 ORDER BY i.route, min(i.finished_at)
@@ -52,7 +52,7 @@ SELECT {VERSION} AS version,
        count(*) FILTER (WHERE {RATED}) AS rated,
        count(*) FILTER (WHERE {POSITIVE}) AS positive
 FROM interactions i
-LEFT JOIN feedback f USING (interaction_id)
+LEFT JOIN feedback f USING (interaction_id, project_id)
 WHERE i.finished_at >= $1 AND i.finished_at < $2
 GROUP BY version, bin
 ORDER BY bin

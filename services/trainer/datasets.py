@@ -33,12 +33,14 @@ logger = logging.getLogger(__name__)
 # Counts the tokens of a conversation (prompt messages plus the assistant answer).
 TokenCounter = Callable[[list[dict[str, Any]]], int]
 
+# Feedback counts only against an interaction of its own project (joins USING
+# project_id too): a project cannot shape another's model by naming its ids.
 # A positive rating: thumbs up, an implicit copy, or a score of at least 0.5; a
 # negative one: thumbs down, a regenerate, or a score below 0.5. The content columns
 # come as stored (maybe sealed) and are opened by `open_candidates`.
 CANDIDATES_SQL = f"""
 WITH ratings AS (
-    SELECT interaction_id,
+    SELECT interaction_id, project_id,
            bool_or(kind IN ('thumbs', 'copy') AND value > 0
                    OR kind = 'score' AND value >= 0.5) AS any_positive,
            bool_or(kind IN ('thumbs', 'regenerate') AND value < 0
@@ -46,26 +48,26 @@ WITH ratings AS (
            (array_agg(event_id ORDER BY created_at DESC))[1] AS feedback_id
     FROM feedback
     WHERE kind IN ('thumbs', 'score', 'copy', 'regenerate')
-    GROUP BY interaction_id
+    GROUP BY interaction_id, project_id
 )
 SELECT CASE WHEN r.any_positive THEN 'positive' ELSE 'negative' END AS source,
        i.interaction_id, r.feedback_id, i.error IS NOT NULL AS failed, i.metadata,
        {content_select("interactions", "i", "i_")},
        {content_nulls("feedback", "f_")}
-FROM interactions i JOIN ratings r USING (interaction_id)
+FROM interactions i JOIN ratings r USING (interaction_id, project_id)
 WHERE i.route = $1 AND i.finished_at <= $2 AND r.any_positive <> r.any_negative
 UNION ALL
 SELECT 'correction', i.interaction_id, f.event_id, false, i.metadata,
        {content_select("interactions", "i", "i_")},
        {content_select("feedback", "f", "f_")}
-FROM feedback f JOIN interactions i USING (interaction_id)
+FROM feedback f JOIN interactions i USING (interaction_id, project_id)
 WHERE i.route = $1 AND i.finished_at <= $2 AND f.kind = 'correction'
   AND (f.text <> '' OR f.text_sealed IS NOT NULL)
 """  # noqa: S608 - built from constants only
 
 NEW_RATED_SQL = """
 SELECT count(DISTINCT f.interaction_id)
-FROM feedback f JOIN interactions i USING (interaction_id)
+FROM feedback f JOIN interactions i USING (interaction_id, project_id)
 WHERE i.route = $1 AND f.stored_at > $2
 """
 

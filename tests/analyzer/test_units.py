@@ -148,7 +148,9 @@ def test_many_requests_from_few_users_do_not_fire_srm() -> None:
     # Ten users; the first sends ten times as many requests as each of the others,
     # so the arm that holds it gets far more requests than the split planned.
     users = [f"user-{i}" for i in range(10)]
-    requests = [user for i, user in enumerate(users) for _ in range(1_000 if i == 0 else 100)]
+    requests = [
+        user for i, user in enumerate(users) for _ in range(1_000 if i == 0 else 100)
+    ]
     observations = []
     for user in requests:
         variant = ROUTE.assign(bucket_of(ROUTE.name, str(user)))

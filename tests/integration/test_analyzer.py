@@ -190,6 +190,11 @@ def thumbs(interaction: Interaction, positive: bool) -> Feedback:
     )
 
 
+def intruding(interaction: Interaction) -> Feedback:
+    """A thumbs up from another project, naming this interaction."""
+    return thumbs(interaction, True).model_copy(update={"project_id": "intruder"})
+
+
 async def send(producer: Any, topic: str, event: Interaction | Feedback) -> None:
     await producer.send(topic, encode(event), key=str(event.interaction_id).encode())
 
@@ -206,8 +211,12 @@ async def test_kpis_count_interactions_and_feedback_per_variant(
     # Feedback for the canary arrives before its interactions: it must wait.
     for interaction in canary[:6]:
         await send(producer, topics.feedback, thumbs(interaction, True))
+    # Another project's feedback naming our interactions counts nowhere: one held
+    # before its interaction, one after.
+    await send(producer, topics.feedback, intruding(canary[6]))
     for interaction in base + canary:
         await send(producer, topics.interactions, interaction)
+    await send(producer, topics.feedback, intruding(base[10]))
     for i, interaction in enumerate(base[:10]):
         feedback = thumbs(interaction, i < 3)
         await send(producer, topics.feedback, feedback)
@@ -247,6 +256,8 @@ async def test_kpis_count_interactions_and_feedback_per_variant(
     assert value("flywheel_analyzer_events_skipped_total", duplicates) == 10
     invalid = {"topic": "interactions", "reason": "invalid"}
     assert value("flywheel_analyzer_events_skipped_total", invalid) == 1
+    intruders = {"topic": "feedback", "reason": "other_project"}
+    assert value("flywheel_analyzer_events_skipped_total", intruders) == 2
 
     # A clean stop, then a restart: the tables come back from their changelogs and
     # nothing is counted twice.

@@ -28,6 +28,13 @@ async def seed(pool):
     failed = await add_interaction(pool, ROUTE, "Capital of Iran?", "", error={"x": 1})
     await add_feedback(pool, failed, "thumbs", 1)
     await rated(pool, "other-route", "Capital of Peru?", "Lima.", 1)
+    # Another project naming these interactions shapes nothing: a poisoned
+    # correction, and a rating of an interaction no one of its project rated.
+    await add_feedback(
+        pool, ids["peru"][0], "correction", text="Quito.", project_id="intruder"
+    )
+    unrated = await add_interaction(pool, ROUTE, "Capital of Laos?", "Hanoi.")
+    await add_feedback(pool, unrated, "thumbs", 1, project_id="intruder")
     return ids
 
 
@@ -128,6 +135,8 @@ async def test_new_rated_counts_distinct_interactions_since_a_time(pg_pool):
     interaction, _ = await rated(pg_pool, ROUTE, "Q?", "A.", 1)
     await add_feedback(pg_pool, interaction, "copy", 1)
     await rated(pg_pool, ROUTE, "R?", "B.", -1)
+    unrated = await add_interaction(pg_pool, ROUTE, "S?", "C.")
+    await add_feedback(pg_pool, unrated, "thumbs", 1, project_id="intruder")
 
     assert await count_new_rated(pg_pool, ROUTE, before) == 2
     assert await count_new_rated(pg_pool, ROUTE, datetime.now(UTC)) == 0

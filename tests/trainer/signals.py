@@ -44,16 +44,18 @@ async def add_feedback(
     kind: str,
     value: float | None = None,
     text: str | None = None,
+    project_id: str = "default",
 ) -> uuid.UUID:
     event_id = uuid.uuid4()
     await pool.execute(
         "INSERT INTO feedback (event_id, interaction_id, project_id, kind, value,"
-        " text, created_at) VALUES ($1, $2, 'default', $3, $4, $5, now())",
+        " text, created_at) VALUES ($1, $2, $6, $3, $4, $5, now())",
         event_id,
         interaction_id,
         kind,
         value,
         text,
+        project_id,
     )
     return event_id
 
