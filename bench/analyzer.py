@@ -9,7 +9,12 @@ measures:
   `flywheel_analyzer_requests_total` (summed) shows all of them;
 - latency: feedback on those interactions published at R events/s for S seconds;
   for each one, the time from its publish until `flywheel_analyzer_feedback_total`
-  (scraped from /metrics as fast as it answers) counts it: p50 and p99.
+  (scraped from /metrics every `--poll-s`, default 50 ms) counts it: p50 and p99.
+
+Both counts (the analyzer's metric and the baseline's) are read every `--poll-s`, so
+both latencies carry the same sampling error, at most that interval. (Scraping in a
+tight loop measures the scrapes more than the analyzer: each one renders and gzips
+the whole exposition on the analyzer's own cores. Prometheus scrapes every 15 s.)
 
 The baseline, on the same broker in the same run: a plain aiokafka consumer reading
 the same topics (throughput, and publish-to-consume latency at the same rate). The
@@ -33,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.analyzer.settings import AnalyzerSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedBroker, free_port, stop_process
 from services.common.events import (
@@ -94,8 +101,15 @@ async def scrape_sum(client: httpx.AsyncClient, url: str, name: str) -> float:
 
 
 def start_analyzer(
-    settings: KafkaSettings, data_dir: Path, port: int, batch_bytes: int
+    settings: KafkaSettings,
+    data_dir: Path,
+    port: int,
+    batch_bytes: int,
+    *,
+    app_id: str,
+    replica: int,
 ) -> Any:
+    """One analyzer replica; replicas of one `app_id` share the partitions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(
         {
@@ -103,13 +117,13 @@ def start_analyzer(
             "FLYWHEEL_KAFKA__TOPIC_PREFIX": settings.topic_prefix,
             "FLYWHEEL_CONTROL__ADDRESS": f"127.0.0.1:{free_port()}",
             "FLYWHEEL_ANALYZER_METRICS_PORT": str(port),
-            "FLYWHEEL_ANALYZER_APP_ID": f"analyzer-bench-{uuid.uuid4().hex[:6]}",
-            "FLYWHEEL_ANALYZER_DATA_DIR": str(data_dir / "faust"),
+            "FLYWHEEL_ANALYZER_APP_ID": app_id,
+            "FLYWHEEL_ANALYZER_DATA_DIR": str(data_dir / f"faust-{replica}"),
             "FLYWHEEL_ANALYZER_PRODUCER_MAX_BATCH_BYTES": str(batch_bytes),
             "FLYWHEEL_ANALYZER_LOGGING__LEVEL": "WARNING",
         }
     )
-    log = (data_dir / "analyzer.log").open("ab")
+    log = (data_dir / f"analyzer-{replica}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "services.analyzer"],
         cwd=REPO_ROOT,
@@ -119,11 +133,12 @@ def start_analyzer(
     )
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
+async def wait_for(condition: Callable[[], Awaitable[bool]], poll_s: float) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while not await condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"not done in {TIMEOUT_S} s")
+        await asyncio.sleep(poll_s)
 
 
 async def publish_paced(
@@ -157,7 +172,7 @@ def latencies(sent_at: list[float], seen: list[tuple[float, float]]) -> list[flo
 
 
 async def watch(
-    read_count: Callable[[], Awaitable[float]], target: float
+    read_count: Callable[[], Awaitable[float]], target: float, poll_s: float
 ) -> list[tuple[float, float]]:
     """(time, count) each time the count changes, until it reaches `target`."""
     seen: list[tuple[float, float]] = []
@@ -171,19 +186,23 @@ async def watch(
             last = count
         return count >= target
 
-    await wait_for(done)
+    await wait_for(done, poll_s)
     return seen
 
 
 class CountingConsumer:
     """The baseline: a plain consumer counting what it reads from one topic."""
 
-    def __init__(self, settings: KafkaSettings, topic: str) -> None:
-        self.consumer = kafka.make_consumer(
-            settings,
+    def __init__(self, settings: KafkaSettings, topic: str, wait_ms: int) -> None:
+        # The analyzer's fetch wait too (AnalyzerSettings.fetch_max_wait_ms), so that
+        # both hold an idle fetch equally long.
+        self.consumer = AIOKafkaConsumer(
             topic,
+            **settings.client_options(),
             group_id=f"bench-{uuid.uuid4().hex[:8]}",
             client_id="bench-baseline",
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=wait_ms,
         )
         self.count = 0
         self.task: asyncio.Task[None] | None = None
@@ -214,28 +233,53 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> list[tuple[str, .
     topics = kafka.Topics(settings.topic_prefix)
     await kafka.wait_for_broker(settings)
     await kafka.ensure_topics(settings, topics.all())
-    port = free_port()
-    analyzer = start_analyzer(settings, data_dir, port, args.batch_bytes)
+    app_id = f"analyzer-bench-{uuid.uuid4().hex[:6]}"
+    ports = [free_port() for _ in range(args.replicas)]
+    analyzers = [
+        start_analyzer(
+            settings, data_dir, port, args.batch_bytes, app_id=app_id, replica=n
+        )
+        for n, port in enumerate(ports)
+    ]
     producer = kafka.make_producer(settings, client_id="bench")
     await producer.start()
-    url = f"http://127.0.0.1:{port}/metrics"
     try:
         async with httpx.AsyncClient(timeout=10) as client:
 
             async def metric(name: str) -> float:
-                if analyzer.poll() is not None:
-                    raise RuntimeError(f"analyzer exited; see {data_dir}/analyzer.log")
-                return await scrape_sum(client, url, name)
+                """The metric summed over the replicas (each counts its partitions)."""
+                if any(analyzer.poll() is not None for analyzer in analyzers):
+                    raise RuntimeError(f"an analyzer exited; see {data_dir}/*.log")
+                values = await asyncio.gather(
+                    *(
+                        scrape_sum(client, f"http://127.0.0.1:{port}/metrics", name)
+                        for port in ports
+                    )
+                )
+                return -1.0 if min(values) < 0 else sum(values)
 
             async def ready() -> bool:
-                return await metric("flywheel_analyzer_requests_total") >= 0
+                """Every replica ready: the group has settled, partitions shared."""
+                answers = await asyncio.gather(
+                    *(_ready(client, port) for port in ports)
+                )
+                return all(answers)
 
-            await wait_for(ready)
+            await wait_for(ready, args.poll_s)
             return await run_phases(args, settings, topics, producer, metric)
     finally:
         await producer.stop()
-        stop_process(analyzer, grace_s=15.0)
+        for analyzer in analyzers:
+            stop_process(analyzer, grace_s=15.0)
         broker.stop()
+
+
+async def _ready(client: httpx.AsyncClient, port: int) -> bool:
+    try:
+        response = await client.get(f"http://127.0.0.1:{port}/readyz")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
 
 
 async def run_phases(
@@ -246,7 +290,8 @@ async def run_phases(
     metric: Callable[[str], Awaitable[float]],
 ) -> list[tuple[str, ...]]:
     interactions = make_interactions(args.events)
-    baseline = CountingConsumer(settings, topics.interactions)
+    wait_ms = AnalyzerSettings().fetch_max_wait_ms
+    baseline = CountingConsumer(settings, topics.interactions, wait_ms)
     await baseline.start()
     started = time.monotonic()
     for event in interactions:
@@ -259,14 +304,15 @@ async def run_phases(
         return await metric("flywheel_analyzer_requests_total")
 
     analyzer_seen, baseline_seen = await asyncio.gather(
-        watch(analyzer_requests, args.events), watch(baseline.read_count, args.events)
+        watch(analyzer_requests, args.events, args.poll_s),
+        watch(baseline.read_count, args.events, args.poll_s),
     )
     await baseline.stop()
     analyzer_eps = args.events / (analyzer_seen[-1][0] - started)
     baseline_eps = args.events / (baseline_seen[-1][0] - started)
 
     feedback = [thumbs_up(i) for i in interactions[: int(args.rate * args.seconds)]]
-    baseline = CountingConsumer(settings, topics.feedback)
+    baseline = CountingConsumer(settings, topics.feedback, wait_ms)
     await baseline.start()
 
     async def analyzer_feedback() -> float:
@@ -274,8 +320,8 @@ async def run_phases(
 
     sent_at, analyzer_seen, baseline_seen = await asyncio.gather(
         publish_paced(producer, topics.feedback, feedback, args.rate),
-        watch(analyzer_feedback, len(feedback)),
-        watch(baseline.read_count, len(feedback)),
+        watch(analyzer_feedback, len(feedback), args.poll_s),
+        watch(baseline.read_count, len(feedback), args.poll_s),
     )
     await baseline.stop()
     return table(
@@ -322,6 +368,9 @@ def main() -> int:
     # 1 is what the embedded stack uses (Tansu 0.6.0 changelog workaround); a real
     # Kafka cluster runs with the default 16384.
     parser.add_argument("--batch-bytes", type=int, default=1)
+    parser.add_argument("--poll-s", type=float, default=0.05)
+    # Replicas of the analyzer in one consumer group (the way it scales out).
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
     if args.rate * args.seconds > args.events:
         parser.error("--rate x --seconds must not exceed --events")
@@ -332,7 +381,9 @@ def main() -> int:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     print(
         f"latency at {args.rate:,.0f} feedback events/s for {args.seconds:g} s, "
-        f"analyzer producer batch {args.batch_bytes} bytes; goal: p99 under 1 s"
+        f"{args.replicas} analyzer replica(s), producer batch {args.batch_bytes} "
+        "bytes, counts read every "
+        f"{args.poll_s * 1000:.0f} ms; goal: p99 under 1 s"
     )
     return 0
 

@@ -30,7 +30,7 @@ from typing import Any
 import faust
 from faust.types import EventT, StreamT, TopicT
 
-from services.analyzer import handlers, units
+from services.analyzer import handlers, transport, units
 from services.analyzer.errors import InvalidEventError
 from services.analyzer.experiments import ExperimentJudge
 from services.analyzer.metrics import MetricsSnapshot
@@ -90,7 +90,11 @@ class Analyzer:
     def __init__(self, settings: AnalyzerSettings) -> None:
         self.settings = settings
         self.topics = Topics(settings.kafka.topic_prefix)
-        self.app = faust.App(settings.app_id, **faust_options(settings))
+        self.app = transport.App(
+            settings.app_id,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            **faust_options(settings),
+        )
         self.watcher = RoutingTableWatcher(settings.control)
         self._last_expiry_s: dict[int, float] = {}
         self._last_unit_sweep_s: dict[int, float] = {}
