@@ -217,7 +217,7 @@ class Bench:
         self.kafka = KafkaSettings(
             bootstrap_servers=self.broker.bootstrap_servers,
             topic_prefix="bench.",
-            producer_max_batch_bytes=1,
+            producer_max_batch_bytes=args.batch_bytes,
         )
 
     def start(self) -> list[Target]:
@@ -368,7 +368,7 @@ class Bench:
             "FLYWHEEL_GATEWAY_LOGGING__LEVEL": "WARNING",
             "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
             "FLYWHEEL_KAFKA__TOPIC_PREFIX": self.kafka.topic_prefix,
-            "FLYWHEEL_KAFKA__PRODUCER_MAX_BATCH_BYTES": "1",
+            "FLYWHEEL_KAFKA__PRODUCER_MAX_BATCH_BYTES": str(self.args.batch_bytes),
         }
 
     def _spawn(
@@ -531,6 +531,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gateway-cpu", default="1" if two_cores else None)
     parser.add_argument("--load-cpus", default="0" if two_cores else None)
     parser.add_argument("--stub-python", default=None)
+    # The gateway producer's batch: 1, as the embedded stack runs (one record per
+    # produce request, see KafkaSettings.producer_max_batch_bytes); 16384 is a Kafka
+    # cluster's default.
+    parser.add_argument("--batch-bytes", type=int, default=1)
     parser.add_argument(
         "--no-peers",
         dest="peers",
@@ -572,6 +576,10 @@ def main(argv: list[str]) -> int:
         finally:
             bench.stop()
     print()
+    print(
+        f"gateway on CPU {args.gateway_cpu}, wrk/stub/broker on CPU {args.load_cpus}, "
+        f"gateway producer batch {args.batch_bytes} bytes, {args.duration} s per row"
+    )
     print(table(runs))
     if args.peers:
         print()
