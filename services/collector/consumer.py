@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -28,7 +28,6 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from services.collector import metrics
 from services.collector.errors import CollectorError, CommitUnavailableError
 from services.collector.handlers import (
-    Event,
     EventKind,
     Rejection,
     RejectReason,
@@ -40,7 +39,7 @@ from services.collector.handlers import (
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.settings import CollectorSettings
 from services.collector.store import EventStore, RowRefusedError
-from services.common.events import Feedback, Interaction
+from services.common.events import Interaction
 from services.common.kafka import Topics
 from services.common.probes import Heartbeat
 
@@ -48,7 +47,11 @@ logger = logging.getLogger(__name__)
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
+Row: TypeAlias = tuple[Any, ...]
 T = TypeVar("T")
+# Records validated between two turns of the event loop (well under a millisecond):
+# the batch being stored waits at most that long for each of its round trips.
+PREPARE_CHUNK = 50
 
 
 class BatchAbandonedError(Exception):
@@ -59,7 +62,9 @@ class BatchAbandonedError(Exception):
 class Sorted:
     """A batch split into events to store and records to dead-letter."""
 
-    accepted: list[tuple[Record, Event]]
+    # Each event's table row, built here, off the store's critical path; the
+    # validated model itself is dropped at once (less for the GC to track).
+    accepted: list[tuple[Record, EventKind, Row]]
     rejected: list[tuple[Record, Rejection]]
 
 
@@ -142,10 +147,13 @@ class EventConsumer:
                 )
                 self._maybe_log_assignment()
                 if batch:
-                    prepared = self.prepare_batch(batch)
+                    prepared = await self._prepare_interleaved(batch)
                     if in_flight is not None:
                         await in_flight
                     in_flight = asyncio.create_task(self.finish_batch(prepared, stop))
+                    # One turn for the new task to send its first statement before
+                    # the next fetch and validation take the loop.
+                    await asyncio.sleep(0)
                 elif in_flight is not None:
                     await in_flight
                     in_flight = None
@@ -168,10 +176,32 @@ class EventConsumer:
 
     def prepare_batch(self, batch: Batch) -> Prepared:
         """The pure part of a batch: count it and sort its records (no I/O)."""
-        records = [record for partition in batch.values() for record in partition]
-        for record in records:
-            metrics.EVENTS_CONSUMED.labels(record.topic).inc()
+        records = self._count(batch)
         return Prepared(batch, len(records), self._sort(records), time.monotonic())
+
+    async def _prepare_interleaved(self, batch: Batch) -> Prepared:
+        """`prepare_batch`, giving the event loop a turn every PREPARE_CHUNK records.
+
+        The batch being stored meanwhile needs a turn for each of its round trips
+        to PostgreSQL; without these it would wait for the whole validation.
+        """
+        records = self._count(batch)
+        accepted: list[tuple[Record, EventKind, Row]] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        for start in range(0, len(records), PREPARE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            part = self._sort(records[start : start + PREPARE_CHUNK])
+            accepted += part.accepted
+            rejected += part.rejected
+        return Prepared(
+            batch, len(records), Sorted(accepted, rejected), time.monotonic()
+        )
+
+    def _count(self, batch: Batch) -> list[Record]:
+        for tp, partition in batch.items():
+            metrics.EVENTS_CONSUMED.labels(tp.topic).inc(len(partition))
+        return [record for partition in batch.values() for record in partition]
 
     async def finish_batch(self, prepared: Prepared, stop: asyncio.Event) -> None:
         """Store, dead-letter and commit a prepared batch, in that order."""
@@ -193,7 +223,7 @@ class EventConsumer:
         metrics.BATCH_SECONDS.observe(time.monotonic() - prepared.started)
 
     def _sort(self, records: Sequence[Record]) -> Sorted:
-        accepted: list[tuple[Record, Event]] = []
+        accepted: list[tuple[Record, EventKind, Row]] = []
         rejected: list[tuple[Record, Rejection]] = []
         for record in records:
             outcome = parse_record(
@@ -203,15 +233,19 @@ class EventConsumer:
             )
             if isinstance(outcome, Rejection):
                 rejected.append((record, outcome))
+            elif isinstance(outcome, Interaction):
+                row = interaction_row(outcome, self._keyring)
+                accepted.append((record, EventKind.INTERACTION, row))
             else:
-                accepted.append((record, outcome))
+                row = feedback_row(outcome, self._keyring)
+                accepted.append((record, EventKind.FEEDBACK, row))
         return Sorted(accepted, rejected)
 
     async def _store_events(
-        self, accepted: list[tuple[Record, Event]]
+        self, accepted: list[tuple[Record, EventKind, Row]]
     ) -> list[tuple[Record, Rejection]]:
         try:
-            await self._insert([event for _, event in accepted])
+            await self._insert([(kind, row) for _, kind, row in accepted])
             return []
         except RowRefusedError as error:
             logger.warning("batch refused by PostgreSQL, storing one by one: %s", error)
@@ -219,20 +253,19 @@ class EventConsumer:
         # NOTE: one transaction per event only on this rare path, to find the rows
         # PostgreSQL refuses; the others are stored and the refused dead-lettered.
         refused: list[tuple[Record, Rejection]] = []
-        for record, event in accepted:
+        for record, kind, row in accepted:
             try:
-                await self._insert([event])
+                await self._insert([(kind, row)])
             except RowRefusedError as error:
                 rejection = Rejection(RejectReason.STORAGE_REJECTED, str(error))
                 refused.append((record, rejection))
         return refused
 
-    async def _insert(self, events: Sequence[Event]) -> None:
-        interactions = [event for event in events if isinstance(event, Interaction)]
-        feedback = [event for event in events if isinstance(event, Feedback)]
+    async def _insert(self, items: Sequence[tuple[EventKind, Row]]) -> None:
+        interactions = [row for kind, row in items if kind is EventKind.INTERACTION]
+        feedback = [row for kind, row in items if kind is EventKind.FEEDBACK]
         stored_interactions, stored_feedback = await self._store.insert_batch(
-            [interaction_row(event, self._keyring) for event in interactions],
-            [feedback_row(event, self._keyring) for event in feedback],
+            interactions, feedback
         )
         for kind, seen, stored in (
             (EventKind.INTERACTION, len(interactions), stored_interactions),

@@ -33,6 +33,7 @@ MAX_DETAIL_CHARS = 2_000
 # the NaN and Infinity literals pydantic's JSON parser takes but strict JSON (and
 # the full path) refuses. A false alarm (such text inside a string) only costs time.
 FULL_PATH_MARKERS = (b"\\u0000", b"NaN", b"Infinity")
+NUL_ESCAPE, NAN, INFINITY = FULL_PATH_MARKERS
 # Dead letters get a stable id per source record, so a replayed batch re-publishes
 # the same dead letter and a reader can de-duplicate it by event_id.
 DEAD_LETTER_NAMESPACE = uuid.UUID("6f1c2f4e-5b1a-4c39-9a43-0d7f3c1a2b10")
@@ -118,7 +119,7 @@ def _maybe_parse_fast(kind: EventKind, value: bytes) -> Event | None:
     version, with no escaped NUL anywhere (a raw NUL or invalid UTF-8 already fails
     the JSON parser), with token counts that fit PostgreSQL's integer.
     """
-    if any(marker in value for marker in FULL_PATH_MARKERS):
+    if NUL_ESCAPE in value or NAN in value or INFINITY in value:
         return None
     model = Interaction if kind is EventKind.INTERACTION else Feedback
     try:

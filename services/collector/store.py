@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -49,28 +50,46 @@ class RowRefusedError(CollectorError):
     retriable = False
 
 
-def _unnest_batch(columns: Sequence[str], types: Sequence[str]) -> str:
-    # One array parameter per column; jsonb travels as text and is cast here. A
-    # batch may repeat an event (a producer's retry): one row per event_id, the first.
-    arrays = ", ".join(
-        f"${index}::{'text' if kind == 'jsonb' else kind}[]"
-        for index, kind in enumerate(types, 1)
-    )
-    selected = ", ".join(
-        f"{column}::jsonb" if kind == "jsonb" else column
+BATCH_TABLES = {
+    "interactions": "collector_batch_interactions",
+    "feedback": "collector_batch_feedback",
+}
+
+
+def batch_table_ddl(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
+    """The session's staging table of `table`: a batch is COPYed in, then claimed.
+
+    A temporary table lives as long as the connection and is emptied by every commit
+    (and by a rollback, which undoes the COPY), so each transaction starts with it
+    empty; `IF NOT EXISTS` makes a new pooled connection create it on first use.
+    jsonb travels as the row builders' JSON text and is cast by the insert, as a
+    parameter would be; `position` is the row's place in the batch (Kafka order).
+    """
+    defined = ", ".join(
+        f"{column} {'text' if kind == 'jsonb' else kind}"
         for column, kind in zip(columns, types, strict=True)
     )
-    names = ", ".join(columns)
-    # The first of the repeats (in Kafka order) wins, as it would across batches.
+    return (
+        f"CREATE TEMP TABLE IF NOT EXISTS {BATCH_TABLES[table]} "
+        f"({defined}, position int4 NOT NULL) ON COMMIT DELETE ROWS"
+    )
+
+
+def _staged_batch(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
+    # A batch may repeat an event (a producer's retry): one row per event_id, and
+    # the first of the repeats (in Kafka order) wins, as it would across batches.
+    selected = ", ".join(
+        f"{column}::jsonb AS {column}" if kind == "jsonb" else column
+        for column, kind in zip(columns, types, strict=True)
+    )
     return (
         f"SELECT DISTINCT ON (event_id) {selected}, position "  # noqa: S608 (constants)
-        f"FROM unnest({arrays}) WITH ORDINALITY AS batch ({names}, position) "
-        "ORDER BY event_id, position"
+        f"FROM pg_temp.{BATCH_TABLES[table]} ORDER BY event_id, position"
     )
 
 
 def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> str:
-    """One statement that claims each event's keys and inserts the rows it claimed.
+    """One statement claiming the staged events' keys, inserting the rows it claimed.
 
     The tables are partitioned by time, so their own keys cannot be event_id alone:
     `event_keys` (and for interactions `interaction_keys`) hold the unique keys.
@@ -80,7 +99,7 @@ def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> st
     """
     names = ", ".join(columns)
     claims = (
-        f"WITH batch AS ({_unnest_batch(columns, types)}), "  # noqa: S608 (constants)
+        f"WITH batch AS ({_staged_batch(table, columns, types)}), "  # noqa: S608
         "new_events AS (INSERT INTO event_keys (event_id) SELECT event_id FROM batch"
         " ON CONFLICT DO NOTHING RETURNING event_id)"
     )
@@ -100,10 +119,40 @@ def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> st
     return f"{claims} {insert} FROM {source}"
 
 
-INSERT_INTERACTIONS = keyed_insert(
-    "interactions", INTERACTION_COLUMNS, INTERACTION_TYPES
+@dataclass(frozen=True)
+class TableWriter:
+    """How one table's rows are staged and claimed."""
+
+    table: str
+    columns: tuple[str, ...]
+    insert: str
+
+    @property
+    def staging(self) -> str:
+        return BATCH_TABLES[self.table]
+
+    @property
+    def staged_columns(self) -> list[str]:
+        return [*self.columns, "position"]
+
+
+INTERACTIONS = TableWriter(
+    "interactions",
+    INTERACTION_COLUMNS,
+    keyed_insert("interactions", INTERACTION_COLUMNS, INTERACTION_TYPES),
 )
-INSERT_FEEDBACK = keyed_insert("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES)
+FEEDBACK = TableWriter(
+    "feedback",
+    FEEDBACK_COLUMNS,
+    keyed_insert("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES),
+)
+# Both staging tables in one round trip (no parameters: the simple protocol).
+CREATE_BATCH_TABLES = "; ".join(
+    (
+        batch_table_ddl("interactions", INTERACTION_COLUMNS, INTERACTION_TYPES),
+        batch_table_ddl("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES),
+    )
+)
 
 COUNT_ORPHANS_SINCE = """
 SELECT count(*) FROM feedback AS f
@@ -135,12 +184,11 @@ class EventStore:
         """
         try:
             async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(CREATE_BATCH_TABLES)
                 stored_interactions = await _insert(
-                    connection, INSERT_INTERACTIONS, interaction_rows
+                    connection, INTERACTIONS, interaction_rows
                 )
-                stored_feedback = await _insert(
-                    connection, INSERT_FEEDBACK, feedback_rows
-                )
+                stored_feedback = await _insert(connection, FEEDBACK, feedback_rows)
         except Exception as error:
             raise _wrap(error) from error
         return stored_interactions, stored_feedback
@@ -174,17 +222,32 @@ class EventStore:
 
 
 async def _insert(
-    connection: asyncpg.Connection, query: str, rows: Sequence[tuple[Any, ...]]
+    connection: asyncpg.Connection,
+    writer: TableWriter,
+    rows: Sequence[tuple[Any, ...]],
 ) -> int:
+    """COPY the rows into the staging table, then claim and insert them."""
     if not rows:
         return 0
-    columns = [list(column) for column in zip(*rows, strict=True)]
-    status = await connection.execute(query, *columns)
+    try:
+        await connection.copy_records_to_table(
+            writer.staging,
+            schema_name="pg_temp",
+            columns=writer.staged_columns,
+            records=[(*row, position) for position, row in enumerate(rows)],
+        )
+    except (TypeError, ValueError, OverflowError) as error:
+        # Raised client-side while encoding a value for its column type (a
+        # parameter's encoder raises asyncpg's DataError for the same).
+        raise RowRefusedError(f"a value could not be encoded: {error!r}") from error
+    status = await connection.execute(writer.insert)
     # The command tag reads "INSERT 0 <rows inserted>".
     return int(status.rsplit(" ", 1)[-1])
 
 
 def _wrap(error: Exception) -> CollectorError:
+    if isinstance(error, CollectorError):
+        return error
     if isinstance(error, asyncpg.PostgresError) and (
         (error.sqlstate or "")[:2] in ROW_ERROR_CLASSES
     ):
