@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSION = "1.37.0"
-SHARED_GROUPS = ("kafka", "postgres", "control", "logging")
+SHARED_GROUPS = ("kafka", "postgres", "control", "logging", "encryption")
 
 
 def kubectl_path() -> str:
@@ -110,6 +110,8 @@ def container_env(
             continue
         ref = item["valueFrom"]["secretKeyRef"]
         value = secret_value(objects, ref["name"], ref["key"])
+        if value is None and ref.get("optional"):
+            continue  # an optional Secret that is not there sets nothing
         env[item["name"]] = value if value is not None else placeholders[item["name"]]
     return env
 
