@@ -64,6 +64,86 @@ def test_real_lift_is_detected_with_high_power() -> None:
     assert median < MAX_PER_ARM
 
 
+@pytest.mark.parametrize(
+    ("control_rate", "treatment_rate", "seed", "min_power"),
+    [
+        # A small lift is rarely found within the cap, but more often than A/A.
+        (0.40, 0.45, 11, 0.08),
+        (0.40, 0.50, 12, 0.45),
+        (0.40, 0.60, 13, 0.95),
+        (0.10, 0.20, 14, 0.8),
+        (0.70, 0.85, 15, 0.95),
+    ],
+)
+def test_power_and_time_to_decision_by_lift(
+    control_rate: float, treatment_rate: float, seed: int, min_power: float
+) -> None:
+    """The power table: share of 1,000 A/B experiments promoted within the cap of
+    400 rated per arm, and how many ratings per arm it took (looks every 10)."""
+    _, low, _ = simulate_looks(control_rate, treatment_rate, seed)
+
+    promoted = low > 0
+    detected = promoted.any(axis=1)
+    looks = (np.argmax(promoted, axis=1)[detected] + 1) * BATCH
+    power = detected.mean()
+    median, p90 = (
+        (float(np.median(looks)), float(np.quantile(looks, 0.9)))
+        if looks.size
+        else (math.nan, math.nan)
+    )
+
+    print(
+        f"power {control_rate:.2f}->{treatment_rate:.2f}: {power:.3f}, rated per arm "
+        f"to decision median {median:.0f}, p90 {p90:.0f}"
+    )
+    assert power >= min_power
+
+
+def continuous_looks(
+    control_mean: float, treatment_mean: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Always-valid intervals for a difference of means (latency-like lognormal
+    values, each arm's mean as given), after every batch: (low, high)."""
+    rng = np.random.default_rng(seed)
+    shape = (EXPERIMENTS, MAX_PER_ARM // BATCH, BATCH)
+    sigma = 0.5
+    bounds = []
+    for mean in (control_mean, treatment_mean):
+        values = rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, shape)
+        count = np.arange(1, shape[1] + 1) * BATCH
+        total = np.cumsum(values.sum(axis=2), axis=1)
+        squares = np.cumsum((values**2).sum(axis=2), axis=1)
+        arm_mean = total / count
+        bounds.append((arm_mean, (squares / count - arm_mean**2) / count))
+    (control, control_var), (treatment, treatment_var) = bounds
+    # Scale-free mixture, as the latency guardrail sets it: (a quarter of the mean)^2.
+    _, low, high = stats.mixture_test(
+        treatment - control,
+        control_var + treatment_var,
+        (0.25 * control_mean) ** 2,
+        POLICY.alpha,
+    )
+    return low, high
+
+
+def test_a_a_continuous_metric_declares_a_difference_at_most_alpha() -> None:
+    low, high = continuous_looks(1.0, 1.0, seed=21)
+
+    share = ((low > 0) | (high < 0)).any(axis=1).mean()
+
+    print(f"A/A latency-like metric: share ever declaring a difference {share:.3f}")
+    assert share <= POLICY.alpha
+
+
+def test_a_b_continuous_metric_detects_a_slower_treatment() -> None:
+    low, _ = continuous_looks(1.0, 1.3, seed=22)
+
+    detected = (low > 0).any(axis=1)
+
+    print(f"A/B latency-like metric, 30% slower: power {detected.mean():.3f}")
+    assert detected.mean() >= 0.9
+
+
 def test_worse_treatment_is_never_declared_better() -> None:
     _, low, high = simulate_looks(0.6, 0.4, seed=5)
 
