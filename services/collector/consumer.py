@@ -9,10 +9,9 @@ event_id key turns the replay into counted duplicates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -52,6 +51,9 @@ T = TypeVar("T")
 # Records validated between two turns of the event loop (well under a millisecond):
 # the batch being stored waits at most that long for each of its round trips.
 PREPARE_CHUNK = 50
+# Batches between validation and their committed offsets: one claiming and
+# committing, the next staging its rows meanwhile.
+MAX_BATCHES_IN_STORE = 2
 
 
 class BatchAbandonedError(Exception):
@@ -130,14 +132,16 @@ class EventConsumer:
         self.totals: Counter[str] = Counter()
 
     async def consume_loop(self, stop: asyncio.Event) -> None:
-        """Process batches until `stop` is set; the batch in hand is finished first.
+        """Process batches until `stop` is set; the batches in hand are finished first.
 
-        Two batches overlap: the next one is fetched and validated (CPU) while the
-        previous one is stored and committed (waiting on PostgreSQL and Kafka). Only
-        one batch is ever being stored or committed, so offsets still move in order
-        and only past stored rows.
+        Three batches overlap: the newest is fetched and validated (CPU) while the
+        one before it is COPYed into its staging tables and the oldest is claimed,
+        committed and its offsets committed. A batch claims its keys only after the
+        batch before it finished (rows, dead letters and offsets), so rows are
+        claimed in Kafka order and offsets still move in order and only past
+        stored rows, as if one batch were processed at a time.
         """
-        in_flight: asyncio.Task[None] | None = None
+        in_flight: deque[asyncio.Task[None]] = deque()
         try:
             while not stop.is_set():
                 self.heartbeat.beat()
@@ -148,27 +152,30 @@ class EventConsumer:
                 self._maybe_log_assignment()
                 if batch:
                     prepared = await self._prepare_interleaved(batch)
-                    if in_flight is not None:
-                        await in_flight
-                    in_flight = asyncio.create_task(self.finish_batch(prepared, stop))
+                    while len(in_flight) >= MAX_BATCHES_IN_STORE:
+                        await in_flight.popleft()
+                    previous = in_flight[-1] if in_flight else None
+                    in_flight.append(
+                        asyncio.create_task(self.finish_batch(prepared, stop, previous))
+                    )
                     # One turn for the new task to send its first statement before
                     # the next fetch and validation take the loop.
                     await asyncio.sleep(0)
-                elif in_flight is not None:
-                    await in_flight
-                    in_flight = None
+                else:
+                    while in_flight:
+                        await in_flight.popleft()
                 await self._update_lag()
-            if in_flight is not None:
-                await in_flight
+            while in_flight:
+                await in_flight.popleft()
         except BatchAbandonedError:
             logger.warning("batch abandoned uncommitted at stop; it will replay")
         finally:
-            if in_flight is not None and not in_flight.done():
-                # Cancelled from outside (a crash, in effect): nothing more is
-                # committed, and the uncommitted batches replay on restart.
-                in_flight.cancel()
-                with contextlib.suppress(asyncio.CancelledError, BatchAbandonedError):
-                    await in_flight
+            # Cancelled from outside (a crash, in effect), or a batch failed: nothing
+            # more is committed, and the uncommitted batches replay on restart.
+            for task in in_flight:
+                task.cancel()
+            # Their outcome is not this loop's any more: it ends with its own.
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def process_batch(self, batch: Batch, stop: asyncio.Event) -> None:
         """Validate, store, dead-letter and commit one batch, in that order."""
@@ -203,13 +210,22 @@ class EventConsumer:
             metrics.EVENTS_CONSUMED.labels(tp.topic).inc(len(partition))
         return [record for partition in batch.values() for record in partition]
 
-    async def finish_batch(self, prepared: Prepared, stop: asyncio.Event) -> None:
-        """Store, dead-letter and commit a prepared batch, in that order."""
+    async def finish_batch(
+        self,
+        prepared: Prepared,
+        stop: asyncio.Event,
+        previous: asyncio.Task[None] | None = None,
+    ) -> None:
+        """Store, dead-letter and commit a prepared batch, in that order.
+
+        With `previous` (the batch before, still in hand), the rows are staged at
+        once but claimed only after `previous` finished.
+        """
         sorted_batch = prepared.sorted_batch
 
         # 1. Store the events; rows PostgreSQL itself refuses join the rejections.
         refused = await self._retry(
-            lambda: self._store_events(sorted_batch.accepted), stop
+            lambda: self._store_events(sorted_batch.accepted, previous), stop
         )
 
         # 2. Dead letters acknowledged before the offsets move past them.
@@ -242,10 +258,12 @@ class EventConsumer:
         return Sorted(accepted, rejected)
 
     async def _store_events(
-        self, accepted: list[tuple[Record, EventKind, Row]]
+        self,
+        accepted: list[tuple[Record, EventKind, Row]],
+        previous: asyncio.Task[None] | None,
     ) -> list[tuple[Record, Rejection]]:
         try:
-            await self._insert([(kind, row) for _, kind, row in accepted])
+            await self._insert([(kind, row) for _, kind, row in accepted], previous)
             return []
         except RowRefusedError as error:
             logger.warning("batch refused by PostgreSQL, storing one by one: %s", error)
@@ -255,18 +273,25 @@ class EventConsumer:
         refused: list[tuple[Record, Rejection]] = []
         for record, kind, row in accepted:
             try:
-                await self._insert([(kind, row)])
+                await self._insert([(kind, row)], previous)
             except RowRefusedError as error:
                 rejection = Rejection(RejectReason.STORAGE_REJECTED, str(error))
                 refused.append((record, rejection))
         return refused
 
-    async def _insert(self, items: Sequence[tuple[EventKind, Row]]) -> None:
+    async def _insert(
+        self,
+        items: Sequence[tuple[EventKind, Row]],
+        previous: asyncio.Task[None] | None = None,
+    ) -> None:
         interactions = [row for kind, row in items if kind is EventKind.INTERACTION]
         feedback = [row for kind, row in items if kind is EventKind.FEEDBACK]
-        stored_interactions, stored_feedback = await self._store.insert_batch(
-            interactions, feedback
-        )
+        async with self._store.staged(interactions, feedback) as staged:
+            if previous is not None:
+                # Its failure (or stop) ends this batch too, rolled back. Shielded:
+                # this batch being cancelled must not cancel the one before it.
+                await asyncio.shield(previous)
+            stored_interactions, stored_feedback = await staged.claim()
         for kind, seen, stored in (
             (EventKind.INTERACTION, len(interactions), stored_interactions),
             (EventKind.FEEDBACK, len(feedback), stored_feedback),

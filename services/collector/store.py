@@ -15,8 +15,9 @@ scan on `feedback_stored` plus a unique-index probe per row).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,30 @@ WHERE NOT EXISTS (
 """
 
 
+class StagedBatch:
+    """A batch COPYed into the staging tables of an open transaction, not claimed."""
+
+    def __init__(
+        self, connection: asyncpg.Connection, writers: Sequence[TableWriter]
+    ) -> None:
+        self._connection = connection
+        self._writers = writers
+
+    async def claim(self) -> tuple[int, int]:
+        """Claim the keys and insert the rows; how many interactions and feedback
+        were new. They are committed when the `EventStore.staged` block ends.
+        """
+        stored = {INTERACTIONS.table: 0, FEEDBACK.table: 0}
+        try:
+            for writer in self._writers:
+                status = await self._connection.execute(writer.insert)
+                # The command tag reads "INSERT 0 <rows inserted>".
+                stored[writer.table] = int(status.rsplit(" ", 1)[-1])
+        except Exception as error:
+            raise _wrap(error) from error
+        return stored[INTERACTIONS.table], stored[FEEDBACK.table]
+
+
 class EventStore:
     """Writes batches of rows in one transaction and counts what was new."""
 
@@ -182,16 +207,57 @@ class EventStore:
 
         Raises StoreUnavailableError (retry later) or RowRefusedError (split it).
         """
+        async with self.staged(interaction_rows, feedback_rows) as batch:
+            return await batch.claim()
+
+    @contextlib.asynccontextmanager
+    async def staged(
+        self,
+        interaction_rows: Sequence[tuple[Any, ...]],
+        feedback_rows: Sequence[tuple[Any, ...]],
+    ) -> AsyncIterator[StagedBatch]:
+        """Open a transaction and COPY both row sets into the staging tables.
+
+        Nothing is visible to others until the block's `claim()` ran and the block
+        ended: then the transaction commits. An exception in the block rolls it
+        back and propagates as it is; the store's own failures are raised as
+        StoreUnavailableError (retry later) or RowRefusedError (split the batch).
+        Staging needs no key, so a caller may stage a batch while the one before
+        it is still being claimed, and claim after that one committed.
+        """
         try:
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute(CREATE_BATCH_TABLES)
-                stored_interactions = await _insert(
-                    connection, INTERACTIONS, interaction_rows
-                )
-                stored_feedback = await _insert(connection, FEEDBACK, feedback_rows)
+            connection = await self._pool.acquire()
         except Exception as error:
             raise _wrap(error) from error
-        return stored_interactions, stored_feedback
+        try:
+            transaction = connection.transaction()
+            try:
+                await transaction.start()
+                await connection.execute(CREATE_BATCH_TABLES)
+                writers = [
+                    writer
+                    for writer, rows in (
+                        (INTERACTIONS, interaction_rows),
+                        (FEEDBACK, feedback_rows),
+                    )
+                    if await _stage(connection, writer, rows)
+                ]
+            except BaseException as error:
+                await _roll_back(transaction)
+                if isinstance(error, Exception):
+                    raise _wrap(error) from error
+                raise
+            try:
+                yield StagedBatch(connection, writers)
+            except BaseException:
+                await _roll_back(transaction)
+                raise
+            try:
+                await transaction.commit()
+            except Exception as error:
+                raise _wrap(error) from error
+        finally:
+            await self._pool.release(connection)
 
     async def ensure_partitions(self, days_ahead: int) -> int:
         """Create the day partitions from today to `days_ahead`; how many were new."""
@@ -221,14 +287,14 @@ class EventStore:
         return int(count)
 
 
-async def _insert(
+async def _stage(
     connection: asyncpg.Connection,
     writer: TableWriter,
     rows: Sequence[tuple[Any, ...]],
-) -> int:
-    """COPY the rows into the staging table, then claim and insert them."""
+) -> bool:
+    """COPY the rows into the writer's staging table; False when there are none."""
     if not rows:
-        return 0
+        return False
     try:
         await connection.copy_records_to_table(
             writer.staging,
@@ -240,9 +306,16 @@ async def _insert(
         # Raised client-side while encoding a value for its column type (a
         # parameter's encoder raises asyncpg's DataError for the same).
         raise RowRefusedError(f"a value could not be encoded: {error!r}") from error
-    status = await connection.execute(writer.insert)
-    # The command tag reads "INSERT 0 <rows inserted>".
-    return int(status.rsplit(" ", 1)[-1])
+    return True
+
+
+async def _roll_back(transaction: Any) -> None:
+    # The connection may be gone already; the pool then discards it, and the
+    # server rolls back on its own.
+    try:
+        await transaction.rollback()
+    except Exception as error:  # noqa: BLE001 (the original error is raised)
+        logger.debug("rollback failed: %r", error)
 
 
 def _wrap(error: Exception) -> CollectorError:
