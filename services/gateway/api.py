@@ -117,13 +117,17 @@ class GatewayApi:
             HttpRoute("/livez", self.livez, methods=["GET"]),
             HttpRoute("/metrics", self.metrics, methods=["GET"]),
         ]
-        return Starlette(
+        app = Starlette(
             routes=routes,
             exception_handlers={
                 GatewayError: self._on_gateway_error,
                 HTTPException: self._on_http_error,
             },
         )
+        # A path with a trailing slash is unknown (404 in OpenAI's shape), not a
+        # redirect that clients would follow without the body.
+        app.router.redirect_slashes = False
+        return app
 
     async def _on_gateway_error(self, _request: Request, error: Exception) -> Response:
         assert isinstance(error, GatewayError)

@@ -23,6 +23,9 @@ from services.gateway.tables import StaticTableSource, TableSource, WatchedTable
 
 logger = logging.getLogger(__name__)
 
+# How long the requests the server cancelled at shutdown get to record themselves.
+SETTLE_TIMEOUT_S = 2.0
+
 
 class _Server(uvicorn.Server):
     """uvicorn, leaving the signals to the App's stop event."""
@@ -115,8 +118,12 @@ class App:
                     # Serve until asked to stop; uvicorn lets in-flight requests end.
                     await self._serve(sock)
                 finally:
-                    # Flush what the last requests published, then end the siblings.
+                    # Record the calls the server cut off, flush what the last
+                    # requests published, then end the siblings.
                     self._stop.set()
+                    cut = await self.api.chat.settle(SETTLE_TIMEOUT_S)
+                    if cut:
+                        logger.warning("calls cut off by the shutdown count=%d", cut)
                     await self.publisher.flush(self.settings.flush_timeout_s)
                     for task in background:
                         task.cancel()

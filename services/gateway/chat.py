@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -18,7 +19,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from services.common.events import ErrorInfo, utc_now
+from services.common.events import MAX_TEXT_CHARS, ErrorInfo, utc_now
 from services.common.routing import Route, Variant, bucket_of
 from services.gateway.errors import (
     AuthenticationError,
@@ -27,11 +28,13 @@ from services.gateway.errors import (
     ModelNotFoundError,
     NotReadyError,
     PayloadTooLargeError,
+    UpstreamBrokeOffError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
 )
 from services.gateway.handlers import (
+    MAX_METADATA_CHARS,
     CallRecord,
     ChatRequest,
     Identity,
@@ -43,6 +46,7 @@ from services.gateway.handlers import (
 )
 from services.gateway.limits import RateLimiter, RecentInteractions
 from services.gateway.metrics import (
+    EVENTS_DROPPED,
     REQUEST_SECONDS,
     REQUESTS,
     UPSTREAM_FALLBACKS,
@@ -64,7 +68,12 @@ RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def _may_retry(error: GatewayError) -> bool:
-    """Whether sending the same call to the same variant again may work."""
+    """Whether sending the same call to the same variant again may work.
+
+    Not when the answer broke off after it began: the upstream did the work.
+    """
+    if isinstance(error, UpstreamBrokeOffError):
+        return False
     if isinstance(error, UpstreamUnreachableError):
         return True
     return isinstance(error, UpstreamError) and error.status_code in RETRIABLE_STATUSES
@@ -73,7 +82,7 @@ def _may_retry(error: GatewayError) -> bool:
 def _may_fall_back(error: GatewayError) -> bool:
     """Whether the variant itself failed (not the request): another may answer."""
     return _may_retry(error) or isinstance(
-        error, UpstreamTimeoutError | BadUpstreamResponseError
+        error, UpstreamTimeoutError | UpstreamBrokeOffError | BadUpstreamResponseError
     )
 
 
@@ -117,8 +126,9 @@ class _Call:
 
     def fail(self, error: GatewayError) -> None:
         self.outcome.error = ErrorInfo(
-            type=error.code or error.error_type,
-            message=error.message,
+            # An upstream's code and message are its own: cut to the event's limits.
+            type=(error.code or error.error_type)[:MAX_METADATA_CHARS],
+            message=error.message[:MAX_TEXT_CHARS],
             status_code=error.status_code,
         )
 
@@ -195,6 +205,30 @@ class ChatEndpoint:
         self._publisher = publisher
         self._topic = interactions_topic
         self._pseudonym_key = settings.pseudonym_key.get_secret_value().encode()
+        # Calls routed and not yet recorded, so that a shutdown records them all.
+        self._open: dict[uuid.UUID, _Call] = {}
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+
+    async def settle(self, timeout_s: float) -> int:
+        """Record every call still open once the server stopped; how many were cut.
+
+        The server cancels the requests that outlive its graceful shutdown; their
+        clean-up records them as it runs. What is still open after `timeout_s`
+        (a response never started, so its clean-up never ran) is recorded here,
+        with the error `gateway_shutdown`.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), timeout_s)
+        cut = list(self._open.values())
+        for call in cut:
+            if call.outcome.error is None:
+                call.outcome.error = ErrorInfo(
+                    type="gateway_shutdown",
+                    message="the gateway stopped before the call ended",
+                )
+            self.finish(call)
+        return len(cut)
 
     async def handle(self, request: Request) -> Response:
         """Answer one chat completion request."""
@@ -221,9 +255,22 @@ class ChatEndpoint:
             started_at=started_at,
         )
         self._gatekeeper.recent.remember(call.interaction_id, project_id)
-        if chat.stream:
-            return await self._stream(call)
-        return await self._complete(call)
+        self._open[call.interaction_id] = call
+        self._none_open.clear()
+        try:
+            if chat.stream:
+                return await self._stream(call)
+            return await self._complete(call)
+        except BaseException:
+            # Cancelled before a response existed (the client left, or the server
+            # stopped): still recorded, once.
+            if call.outcome.error is None:
+                call.outcome.error = ErrorInfo(
+                    type="cancelled",
+                    message="the request was cancelled before its answer",
+                )
+            self.finish(call)
+            raise
 
     async def _complete(self, call: _Call) -> Response:
         headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
@@ -386,6 +433,9 @@ class ChatEndpoint:
         if call.finished:
             return
         call.finished = True
+        self._open.pop(call.interaction_id, None)
+        if not self._open:
+            self._none_open.set()
         latency_s = time.perf_counter() - call.started_s
         labels = {"route": call.route.name, "variant": call.variant.name}
         REQUESTS.labels(**labels, status=str(call.status_code)).inc()
@@ -421,9 +471,11 @@ class ChatEndpoint:
                 record, pseudonym_key=self._pseudonym_key, prices=self._settings.prices
             )
         except Exception:
+            # A bug, not bad input (limits are cut to): loud, and counted as lost.
             logger.exception(
                 "interaction event could not be built interaction_id=%s",
                 call.interaction_id,
             )
+            EVENTS_DROPPED.labels(topic=self._topic, reason="unbuildable").inc()
             return
         self._publisher.publish(self._topic, str(call.interaction_id), event)

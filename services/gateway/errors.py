@@ -138,6 +138,11 @@ class UpstreamUnreachableError(GatewayError):
     retriable = True
 
 
+class UpstreamBrokeOffError(UpstreamUnreachableError):
+    """The upstream's answer broke off after it began: the call was made (and maybe
+    billed), so the gateway does not send it again; another variant may answer."""
+
+
 class UpstreamTimeoutError(GatewayError):
     """The upstream did not answer within `upstream_timeout_s`."""
 

@@ -16,14 +16,20 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from services.common.events import ChatMessage, ErrorInfo, Interaction, Usage
+from services.common.events import (
+    MAX_TEXT_CHARS,
+    ChatMessage,
+    ErrorInfo,
+    Interaction,
+    Usage,
+)
 from services.common.routing import Route, Variant
 from services.gateway.errors import InvalidRequestError
 from services.gateway.pii import mask_text, mask_value
 from services.gateway.settings import ModelPrice
 
 _MESSAGES = TypeAdapter(list[ChatMessage])
-MAX_METADATA_CHARS = 256
+MAX_METADATA_CHARS = 256  # ShortText's limit in services.common.events
 # Request fields that do not go into `request_params`: the messages have their own
 # field, and the raw user id and metadata must not leave in clear.
 _NOT_PARAMS = frozenset({"messages", "user", "metadata"})
@@ -254,6 +260,16 @@ class CallRecord:
 
 # Metadata key marking an interaction a fallback variant answered (`build_interaction`).
 FALLBACK_FROM_KEY = "flywheel.fallback_from"
+# Metadata key naming the fields cut to the event's limits (`build_interaction`).
+TRUNCATED_KEY = "flywheel.truncated"
+
+
+def clip(text: str, limit: int, field: str, truncated: list[str]) -> str:
+    """`text` cut to `limit` characters; the field's name noted when it was."""
+    if len(text) <= limit:
+        return text
+    truncated.append(field)
+    return text[:limit]
 
 
 def build_interaction(
@@ -261,11 +277,24 @@ def build_interaction(
 ) -> Interaction:
     """The Interaction event of a call: pseudonymous, with personal data masked."""
     identity, outcome = record.identity, record.outcome
+    # What exceeds the event's limits is cut, not refused: the answer reached the
+    # client, so its interaction must reach Kafka too (marked as cut).
+    truncated: list[str] = []
     error = outcome.error
     if error is not None:
-        error = error.model_copy(update={"message": mask_text(error.message)})
+        message = clip(mask_text(error.message), MAX_TEXT_CHARS, "error", truncated)
+        error = error.model_copy(update={"message": message})
     response_text = outcome.response_text
-    metadata = {k: mask_text(v) for k, v in record.request.metadata.items()}
+    if response_text is not None:
+        response_text = clip(
+            mask_text(response_text), MAX_TEXT_CHARS, "response_text", truncated
+        )
+    metadata = {
+        key: clip(mask_text(value), MAX_METADATA_CHARS, f"metadata.{key}", truncated)
+        for key, value in record.request.metadata.items()
+    }
+    if truncated:
+        metadata[TRUNCATED_KEY] = ",".join(truncated)[:MAX_METADATA_CHARS]
     in_experiment = record.fallback_from is None
     if record.fallback_from is not None:
         # Answered by a variant the user was not assigned to: it belongs to no arm,
@@ -287,7 +316,7 @@ def build_interaction(
         request_params=mask_value(
             {k: v for k, v in record.request.body.items() if k not in _NOT_PARAMS}
         ),
-        response_text=mask_text(response_text) if response_text is not None else None,
+        response_text=response_text,
         finish_reason=outcome.finish_reason,
         error=error,
         usage=outcome.usage,

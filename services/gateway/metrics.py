@@ -50,7 +50,8 @@ EVENTS_PUBLISHED = Counter(
 )
 EVENTS_DROPPED = Counter(
     "flywheel_gateway_events_dropped_total",
-    "Events lost: queue or spool full, or the broker refused them with no spool.",
+    "Events lost: queue or spool full, the broker refused them with no spool, or "
+    "the event could not be built (unbuildable: a bug, logged).",
     ["topic", "reason"],
     registry=REGISTRY,
 )

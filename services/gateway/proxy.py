@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from services.common.routing import Variant
 from services.gateway.errors import (
     BadUpstreamResponseError,
+    UpstreamBrokeOffError,
     UpstreamError,
     UpstreamTimeoutError,
     UpstreamUnreachableError,
@@ -140,6 +141,10 @@ def mapped_transport_errors(variant: Variant) -> Iterator[None]:
         raise UpstreamUnreachableError(
             f"upstream {variant.name} at {variant.base_url} is unreachable"
         ) from error
+    except aiohttp.ClientPayloadError as error:
+        raise UpstreamBrokeOffError(
+            f"upstream {variant.name} broke off its answer: {type(error).__name__}"
+        ) from error
     except TimeoutError as error:
         raise UpstreamTimeoutError(
             f"upstream {variant.name} did not answer within upstream_timeout_s"
@@ -196,14 +201,14 @@ async def relay_stream(
             try:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
-                logger.warning(
-                    "upstream sent a chunk that is not JSON, passed on as is"
-                )
-                yield line.encode() + b"\n\n"
-                continue
+                chunk = None
             if not isinstance(chunk, dict):
-                yield line.encode() + b"\n\n"
-                continue
+                # OpenAI's clients fail on such a chunk with a parse error of their
+                # own; the stream ends here with an error chunk in OpenAI's shape.
+                raise BadUpstreamResponseError(
+                    f"upstream {variant.name} sent a stream chunk that is not a JSON "
+                    "object"
+                )
             if outcome.add_chunk(chunk) and outcome.time_to_first_token_s is None:
                 outcome.time_to_first_token_s = time.perf_counter() - started_s
             if not client_wants_usage and "usage" in chunk:

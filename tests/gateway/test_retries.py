@@ -207,3 +207,32 @@ async def test_without_fallback_the_routed_variants_error_is_the_answer(
     assert response.status_code == 503
     [event] = interactions(app)
     assert event.variant == "bot-v2" and event.arm == "treatment"
+
+
+async def test_an_answer_cut_off_mid_body_is_not_sent_again(
+    make_client: Any, upstream: UpstreamStub
+):
+    app, client = await make_client(upstream_fallback=False)
+    prompt = f"cut-body:{uuid.uuid4().hex}"
+
+    response = await chat(client, prompt, user_on("bot-v1", upstream))
+
+    # The upstream did the work (and may bill it): one try only.
+    assert response.status_code == 502
+    assert sent(upstream, prompt) == ["smol"]
+    [event] = interactions(app)
+    assert event.error is not None and event.error.type == "upstream_unreachable"
+
+
+async def test_an_answer_cut_off_mid_body_may_still_fall_back(
+    make_client: Any, upstream: UpstreamStub
+):
+    app, client = await make_client()
+    prompt = f"cut-body:{uuid.uuid4().hex}"
+
+    response = await chat(client, prompt, user_on("bot-v1", upstream), stream=False)
+
+    # Both variants break off the same way here: one try each, no retries.
+    assert response.status_code == 502
+    assert sent(upstream, prompt) == ["smol", "lora-v2"]
+    assert len(interactions(app)) == 2

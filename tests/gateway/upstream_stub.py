@@ -4,6 +4,8 @@ The last user message steers it: `fail:<status>` answers that error status,
 `fail-model:<model>:<status>` does so only for requests for that model,
 `flaky:<token>:<n>:<status>` fails the first n requests carrying that token, `hang`
 never answers (for timeouts), `broken-stream` cuts a stream off mid-way,
+`cut-body:<token>` cuts a non-streamed answer off mid-body, `bad-chunk` streams a
+chunk that is not JSON, `long:<n>` answers n characters,
 `slow-stream` stops after its first word until released; anything
 else is echoed back as "You said: <message>".
 """
@@ -80,9 +82,23 @@ class UpstreamStub:
         if prompt == "hang":
             await self.release_hang.wait()
         answer = f"You said: {prompt}"
+        if prompt.startswith("long:"):
+            answer = "a" * int(prompt.removeprefix("long:"))
+        if prompt.startswith("cut-body:") and not body.get("stream"):
+            whole = orjson.dumps(_completion(body, answer))
+            return StreamingResponse(
+                _cut_off(whole),
+                media_type="application/json",
+                headers={"content-length": str(len(whole))},
+            )
         if body.get("stream"):
             return StreamingResponse(
-                self._chunks(body, answer, broken=prompt == "broken-stream"),
+                self._chunks(
+                    body,
+                    answer,
+                    broken=prompt == "broken-stream",
+                    bad_chunk=prompt == "bad-chunk",
+                ),
                 media_type="text/event-stream",
             )
         return Response(
@@ -103,7 +119,7 @@ class UpstreamStub:
         return None
 
     async def _chunks(
-        self, body: dict[str, Any], answer: str, *, broken: bool
+        self, body: dict[str, Any], answer: str, *, broken: bool, bad_chunk: bool
     ) -> AsyncIterator[bytes]:
         base = {
             "id": "chatcmpl-stub",
@@ -137,6 +153,8 @@ class UpstreamStub:
             )
             if broken and position == 1:
                 raise RuntimeError("stub cut the stream off")
+            if bad_chunk and position == 0:
+                yield b"data: {not json\n\n"
             if body["messages"][-1]["content"] == "slow-stream" and position == 0:
                 await self.release_hang.wait()
         yield _sse(
@@ -150,6 +168,12 @@ class UpstreamStub:
                 + b"\n\n"
             )
         yield b"data: [DONE]\n\n"
+
+
+async def _cut_off(whole: bytes) -> AsyncIterator[bytes]:
+    """Half of `whole`, then the connection breaks (Content-Length promised all)."""
+    yield whole[: len(whole) // 2]
+    raise RuntimeError("stub cut the body off")
 
 
 def _usage(answer: str) -> dict[str, int]:
