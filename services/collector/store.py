@@ -64,7 +64,8 @@ def batch_table_ddl(table: str, columns: Sequence[str], types: Sequence[str]) ->
     (and by a rollback, which undoes the COPY), so each transaction starts with it
     empty; `IF NOT EXISTS` makes a new pooled connection create it on first use.
     jsonb travels as the row builders' JSON text and is cast by the insert, as a
-    parameter would be; `position` is the row's place in the batch (Kafka order).
+    parameter would be. `position` numbers the rows in the order COPY reads them
+    (the batch's Kafka order); only its order within a batch matters.
     """
     defined = ", ".join(
         f"{column} {'text' if kind == 'jsonb' else kind}"
@@ -72,7 +73,8 @@ def batch_table_ddl(table: str, columns: Sequence[str], types: Sequence[str]) ->
     )
     return (
         f"CREATE TEMP TABLE IF NOT EXISTS {BATCH_TABLES[table]} "
-        f"({defined}, position int4 NOT NULL) ON COMMIT DELETE ROWS"
+        f"({defined}, position int8 GENERATED ALWAYS AS IDENTITY)"
+        " ON COMMIT DELETE ROWS"
     )
 
 
@@ -131,10 +133,6 @@ class TableWriter:
     @property
     def staging(self) -> str:
         return BATCH_TABLES[self.table]
-
-    @property
-    def staged_columns(self) -> list[str]:
-        return [*self.columns, "position"]
 
 
 INTERACTIONS = TableWriter(
@@ -299,8 +297,8 @@ async def _stage(
         await connection.copy_records_to_table(
             writer.staging,
             schema_name="pg_temp",
-            columns=writer.staged_columns,
-            records=[(*row, position) for position, row in enumerate(rows)],
+            columns=list(writer.columns),
+            records=rows,
         )
     except (TypeError, ValueError, OverflowError) as error:
         # Raised client-side while encoding a value for its column type (a

@@ -94,6 +94,28 @@ async def test_staged_block_that_fails_stores_nothing_and_leaves_nothing_staged(
     assert await count_rows(one_connection_pool, "event_keys") == 1
 
 
+async def test_repeats_within_a_batch_keep_the_first_in_batch_order(
+    one_connection_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(one_connection_pool)
+    # Several events for each interaction, the later ones repeated.
+    batches = []
+    for _ in range(3):
+        first = make_interaction()
+        later = [
+            make_interaction(interaction_id=first.interaction_id) for _ in range(3)
+        ]
+        batches.append((first, [first, *later, *later]))
+    rows = [interaction_row(event) for _, events in batches for event in events]
+
+    stored = await store.insert_batch(rows, [])
+
+    assert stored == (3, 0)
+    assert await event_id_counts(one_connection_pool, "interactions") == {
+        first.event_id: 1 for first, _ in batches
+    }
+
+
 async def test_batch_staged_but_not_claimed_is_gone_from_the_next_transaction(
     one_connection_pool: asyncpg.Pool,
 ) -> None:
