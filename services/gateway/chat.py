@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -403,17 +404,12 @@ class ChatEndpoint:
 
     def _record_failed_try(self, call: _Call, error: GatewayError) -> None:
         """The failed try of `call` on its current variant, as an interaction."""
-        failed = _Call(
-            chat=call.chat,
-            project_id=call.project_id,
-            route=call.route,
-            variant=call.variant,
-            bucket=call.bucket,
-            identity=call.identity,
-            started_s=call.started_s,
-            started_at=call.started_at,
+        failed = dataclasses.replace(
+            call,
+            interaction_id=uuid.uuid4(),
+            outcome=Outcome(),
             status_code=error.status_code,
-            fallback_from=call.fallback_from,
+            finished=False,
         )
         failed.fail(error)
         self.finish(failed)
