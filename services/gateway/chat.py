@@ -19,6 +19,7 @@ import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from services.common.events import MAX_TEXT_CHARS, ErrorInfo, utc_now
 from services.common.routing import Route, Variant, bucket_of
@@ -132,6 +133,26 @@ class _Call:
             message=error.message[:MAX_TEXT_CHARS],
             status_code=error.status_code,
         )
+
+
+class _RelayResponse(StreamingResponse):
+    """A streamed answer that runs `after_sending` however sending ended."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        after_sending: Callable[[], None],
+        **kw: Any,
+    ) -> None:
+        super().__init__(content, **kw)
+        self._after_sending = after_sending
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._after_sending()  # synchronous: this may run inside a cancellation
 
 
 class Gatekeeper:
@@ -304,8 +325,22 @@ class ChatEndpoint:
             return response
         finally:
             self._observe_upstream(call, upstream_started_s)
-        return StreamingResponse(
+
+        def after_sending() -> None:
+            # The relay records the call and closes the upstream response itself
+            # once it started; a response never started (the client left first)
+            # has to be done here.
+            if call.finished:
+                return
+            call.outcome.error = ErrorInfo(
+                type="client_disconnected", message="the client left before the answer"
+            )
+            self.finish(call)
+            upstream_response.close()
+
+        return _RelayResponse(
             self._relay(upstream_response, call),
+            after_sending=after_sending,
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )

@@ -123,3 +123,31 @@ async def test_settle_records_a_stream_whose_response_never_started(
 
     [event] = interactions(gateway)
     assert event.error is not None and event.error.type == "gateway_shutdown"
+
+
+async def test_a_stream_the_client_left_before_it_started_is_recorded_once(
+    gateway: App,
+):
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", AUTH["Authorization"].encode())],
+    }
+    payload = httpx.Request("POST", "http://x", json=body("hello", stream=True)).read()
+    incoming = [{"type": "http.request", "body": payload, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        # The body, then at once the client is gone.
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        # A slow client socket: the disconnect is noticed before the first chunk.
+        await asyncio.sleep(0.2)
+
+    await gateway.asgi(scope, receive, send)
+
+    [event] = interactions(gateway)
+    assert event.error is not None and event.error.type == "client_disconnected"
+    assert await gateway.api.chat.settle(0.1) == 0
