@@ -41,7 +41,6 @@ import httpx
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.analyzer.settings import AnalyzerSettings
 from services.common import kafka
 from services.common.embedded import EmbeddedBroker, free_port, stop_process
 from services.common.events import (
@@ -194,7 +193,7 @@ class CountingConsumer:
     """The baseline: a plain consumer counting what it reads from one topic."""
 
     def __init__(self, settings: KafkaSettings, topic: str, wait_ms: int) -> None:
-        # The analyzer's fetch wait too (AnalyzerSettings.fetch_max_wait_ms), so that
+        # The analyzer's fetch wait too (consumer_fetch_max_wait_ms), so that
         # both hold an idle fetch equally long.
         self.consumer = AIOKafkaConsumer(
             topic,
@@ -290,7 +289,7 @@ async def run_phases(
     metric: Callable[[str], Awaitable[float]],
 ) -> list[tuple[str, ...]]:
     interactions = make_interactions(args.events)
-    wait_ms = AnalyzerSettings().fetch_max_wait_ms
+    wait_ms = settings.consumer_fetch_max_wait_ms
     baseline = CountingConsumer(settings, topics.interactions, wait_ms)
     await baseline.start()
     started = time.monotonic()

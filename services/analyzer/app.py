@@ -92,7 +92,7 @@ class Analyzer:
         self.topics = Topics(settings.kafka.topic_prefix)
         self.app = transport.App(
             settings.app_id,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=settings.kafka.consumer_fetch_max_wait_ms,
             **faust_options(settings),
         )
         self.watcher = RoutingTableWatcher(settings.control)

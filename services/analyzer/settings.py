@@ -87,8 +87,5 @@ class AnalyzerSettings(ServiceSettings):
     # batch's base offset + 1, so faust's changelog recovery stops before the rest of
     # a multi-record batch; 1 forces one record per batch, which sidesteps that.
     producer_max_batch_bytes: int = Field(default=16_384, ge=1)
-    # How long the broker may hold an idle fetch (faust's own default is 1500 ms);
-    # see services/analyzer/transport.py.
-    fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
     broker_session_timeout_s: float = Field(default=10.0, gt=0)
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0)

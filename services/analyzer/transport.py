@@ -10,7 +10,8 @@ is held open, so a shorter one costs an empty fetch round trip per interval when
 there is no traffic, nothing more.
 
 The classes below change only that one value on the consumer faust creates, before
-it starts (aiokafka reads it when the consumer starts its fetcher).
+it starts (aiokafka reads it when the consumer starts its fetcher), to the shared
+`KafkaSettings.consumer_fetch_max_wait_ms` every other consumer uses too.
 """
 
 from __future__ import annotations

@@ -130,4 +130,5 @@ def make_consumer(
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
         max_poll_interval_ms=300_000,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
     )

@@ -60,6 +60,11 @@ class KafkaSettings(BaseModel):
     # so consumers do not see the tail of a multi-record batch until more arrives;
     # the embedded stack sets 1 (one record per batch). Real Kafka needs no change.
     producer_max_batch_bytes: int = Field(default=16_384, ge=1)
+    # How long a consumer's fetch may wait for records (aiokafka's default is 500 ms).
+    # The embedded broker holds a fetch that long even when records arrive meanwhile,
+    # which delays every event by up to this much; with Kafka it only bounds how
+    # often an idle consumer asks again.
+    consumer_fetch_max_wait_ms: int = Field(default=100, ge=1, le=10_000)
 
     @field_validator("topic_prefix")
     @classmethod
