@@ -47,27 +47,37 @@ async def declare(broker: EmbeddedBroker) -> KafkaSettings:
     return settings
 
 
-async def consume_ids(settings: KafkaSettings, expected: int) -> list[str]:
+async def consume_ids(
+    settings: KafkaSettings,
+    expected: int,
+    *,
+    topic: str = TOPIC,
+    field: str = "event_id",
+) -> list[str]:
+    """`field` of every record on `topic` until `expected` distinct values arrived,
+    then one more poll, so that a repeat shows."""
     consumer = AIOKafkaConsumer(
-        TOPIC,
+        topic,
         bootstrap_servers=settings.bootstrap_servers,
         auto_offset_reset="earliest",
         group_id=None,
     )
     await consumer.start()
     seen: list[str] = []
+
+    async def poll(timeout_ms: int) -> None:
+        batches = await consumer.getmany(timeout_ms=timeout_ms)
+        for records in batches.values():
+            seen.extend(orjson.loads(record.value)[field] for record in records)
+
     try:
 
         async def enough() -> bool:
-            batches = await consumer.getmany(timeout_ms=500)
-            seen.extend(
-                orjson.loads(r.value)["event_id"]
-                for records in batches.values()
-                for r in records
-            )
+            await poll(500)
             return len(set(seen)) >= expected
 
         await wait_until(enough, timeout_s=60)
+        await poll(1000)
     finally:
         await consumer.stop()
     return seen
@@ -233,7 +243,12 @@ async def test_a_served_gateway_loses_nothing_through_a_broker_outage(
         await wait_until(
             lambda: app.publisher.published_count >= len(answered), timeout_s=90
         )
-        arrived = await consume_interaction_ids(settings, topics.interactions)
+        arrived = await consume_ids(
+            settings,
+            len(set(answered[before:])),
+            topic=topics.interactions,
+            field="interaction_id",
+        )
     finally:
         app.stop()
         await asyncio.wait_for(running, 30)
@@ -253,25 +268,3 @@ async def test_a_served_gateway_loses_nothing_through_a_broker_outage(
         f"{app.publisher.spooled_count}, "
         f"arrived {len(arrived)} ({len(arrived) - len(set(arrived))} repeated)"
     )
-
-
-async def consume_interaction_ids(settings: KafkaSettings, topic: str) -> list[str]:
-    """Every interaction id on `topic`, read from the start until it stays quiet."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        auto_offset_reset="earliest",
-        group_id=None,
-    )
-    await consumer.start()
-    ids: list[str] = []
-    try:
-        quiet = 0
-        while quiet < 3:
-            batches = await consumer.getmany(timeout_ms=1000)
-            records = [record for batch in batches.values() for record in batch]
-            quiet = 0 if records else quiet + 1
-            ids.extend(orjson.loads(r.value)["interaction_id"] for r in records)
-    finally:
-        await consumer.stop()
-    return ids
