@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.common.kafka import Topics
 from services.common.openai_errors import error_body
 from services.gateway.chat import (
+    INTERACTION_ID_HEADER,
     ChatEndpoint,
     Gatekeeper,
     error_response,
@@ -69,7 +70,11 @@ class ChatFastPath:
             # What Starlette's error middleware would do, in OpenAI's shape.
             logger.exception("chat request failed unexpectedly")
             response = error_response(GatewayError("internal error in the gateway"))
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            # The call is recorded once its answer is out, however sending ended.
+            self._chat.sent(response.headers.get(INTERACTION_ID_HEADER))
 
 
 class GatewayApi:

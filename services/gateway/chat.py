@@ -16,10 +16,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from services.common.events import MAX_TEXT_CHARS, ErrorInfo, utc_now
 from services.common.routing import Route, Variant, bucket_of
@@ -125,6 +123,8 @@ class _Call:
     finished: bool = False
     # The routed variant's name once a fallback variant took the call over.
     fallback_from: str | None = None
+    # A stream's upstream answer, closed by the relay (or by `sent` if never relayed).
+    upstream_response: aiohttp.ClientResponse | None = None
 
     def fail(self, error: GatewayError) -> None:
         self.outcome.error = ErrorInfo(
@@ -133,26 +133,6 @@ class _Call:
             message=error.message[:MAX_TEXT_CHARS],
             status_code=error.status_code,
         )
-
-
-class _RelayResponse(StreamingResponse):
-    """A streamed answer that runs `after_sending` however sending ended."""
-
-    def __init__(
-        self,
-        content: AsyncIterator[bytes],
-        *,
-        after_sending: Callable[[], None],
-        **kw: Any,
-    ) -> None:
-        super().__init__(content, **kw)
-        self._after_sending = after_sending
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._after_sending()  # synchronous: this may run inside a cancellation
 
 
 class Gatekeeper:
@@ -228,7 +208,7 @@ class ChatEndpoint:
         self._topic = interactions_topic
         self._pseudonym_key = settings.pseudonym_key.get_secret_value().encode()
         # Calls routed and not yet recorded, so that a shutdown records them all.
-        self._open: dict[uuid.UUID, _Call] = {}
+        self._open: dict[str, _Call] = {}
         self._none_open = asyncio.Event()
         self._none_open.set()
 
@@ -277,7 +257,7 @@ class ChatEndpoint:
             started_at=started_at,
         )
         self._gatekeeper.recent.remember(call.interaction_id, project_id)
-        self._open[call.interaction_id] = call
+        self._open[str(call.interaction_id)] = call
         self._none_open.clear()
         try:
             if chat.stream:
@@ -308,8 +288,7 @@ class ChatEndpoint:
             answer["id"] = str(call.interaction_id)
             response = json_response(answer, headers=headers)
         self._observe_upstream(call, upstream_started_s)
-        # The event is built and queued after the response is sent.
-        response.background = BackgroundTask(self.finish_async, call)
+        # The event is built and queued after the response is sent (see `sent`).
         return response
 
     async def _stream(self, call: _Call) -> Response:
@@ -320,27 +299,13 @@ class ChatEndpoint:
         except GatewayError as error:
             call.status_code = error.status_code
             call.fail(error)
-            response = error_response(error, headers)
-            response.background = BackgroundTask(self.finish_async, call)
-            return response
+            return error_response(error, headers)
         finally:
             self._observe_upstream(call, upstream_started_s)
 
-        def after_sending() -> None:
-            # The relay records the call and closes the upstream response itself
-            # once it started; a response never started (the client left first)
-            # has to be done here.
-            if call.finished:
-                return
-            call.outcome.error = ErrorInfo(
-                type="client_disconnected", message="the client left before the answer"
-            )
-            self.finish(call)
-            upstream_response.close()
-
-        return _RelayResponse(
+        call.upstream_response = upstream_response
+        return StreamingResponse(
             self._relay(upstream_response, call),
-            after_sending=after_sending,
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache"},
         )
@@ -454,9 +419,24 @@ class ChatEndpoint:
             route=call.route.name, variant=call.variant.name
         ).observe(time.perf_counter() - upstream_started_s)
 
-    async def finish_async(self, call: _Call) -> None:
-        """`finish` as a coroutine: Starlette runs a plain function of a background
-        task in a thread pool, a thread hop per request for no blocking work."""
+    def sent(self, interaction_id: str | None) -> None:
+        """Record the call of a response whose sending ended, however it ended.
+
+        A non-streamed call (or an error) is recorded here, once its answer is out;
+        a stream records itself as its relay ends, unless the relay never started
+        (the client left before the first byte): then it is recorded here and its
+        upstream answer closed. Synchronous: this may run inside a cancellation.
+        """
+        call = self._open.get(interaction_id) if interaction_id else None
+        if call is None:
+            return
+        if call.upstream_response is not None:
+            if call.outcome.error is None:
+                call.outcome.error = ErrorInfo(
+                    type="client_disconnected",
+                    message="the client left before the answer",
+                )
+            call.upstream_response.close()
         self.finish(call)
 
     def finish(self, call: _Call) -> None:
@@ -464,7 +444,7 @@ class ChatEndpoint:
         if call.finished:
             return
         call.finished = True
-        self._open.pop(call.interaction_id, None)
+        self._open.pop(str(call.interaction_id), None)
         if not self._open:
             self._none_open.set()
         latency_s = time.perf_counter() - call.started_s
