@@ -63,6 +63,7 @@ class App:
             timeout_s=settings.upstream_timeout_s,
             connect_timeout_s=settings.upstream_connect_timeout_s,
             max_connections=settings.upstream_max_connections,
+            max_response_bytes=settings.upstream_max_response_bytes,
         )
         spool = (
             Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes)

@@ -48,12 +48,14 @@ class UpstreamClient:
         timeout_s: float,
         connect_timeout_s: float,
         max_connections: int,
+        max_response_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._api_keys = api_keys
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=timeout_s
         )
         self._max_connections = max_connections
+        self._max_response_bytes = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, str] = {}
 
@@ -103,7 +105,7 @@ class UpstreamClient:
         with mapped_transport_errors(variant):
             response = await self._post(variant, body)
             async with response:
-                content = await response.read()
+                content = await self._read(response, variant)
         if response.status >= 400:
             raise upstream_error(response.status, content)
         try:
@@ -118,6 +120,23 @@ class UpstreamClient:
                 f"upstream {variant.name} answered with a JSON {type(answer).__name__}"
             )
         return answer
+
+    async def _read(self, response: aiohttp.ClientResponse, variant: Variant) -> bytes:
+        """The whole body, or BadUpstreamResponseError past `max_response_bytes`."""
+        limit = self._max_response_bytes
+        declared = response.content_length
+        if declared is not None and declared <= limit:
+            return await response.read()
+        chunks, size = [], 0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise BadUpstreamResponseError(
+                    f"upstream {variant.name} answered more than {limit} bytes "
+                    "(upstream_max_response_bytes)"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def open_stream(
         self, variant: Variant, body: bytes

@@ -83,6 +83,9 @@ class GatewaySettings(ServiceSettings):
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     upstream_max_connections: int = Field(default=512, ge=1)
+    # Largest non-streamed upstream answer read (it is held whole in memory); a
+    # larger one is a bad upstream response (502, and a fallback when configured).
+    upstream_max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # A failed upstream call is sent again, up to `upstream_retries` more times, when
     # the failure says nothing was done: the connection failed, or the upstream
     # answered 429, 500, 502, 503 or 504. Waits between tries grow from

@@ -236,3 +236,18 @@ async def test_an_answer_cut_off_mid_body_may_still_fall_back(
     assert response.status_code == 502
     assert sent(upstream, prompt) == ["smol", "lora-v2"]
     assert len(interactions(app)) == 2
+
+
+async def test_an_answer_larger_than_the_limit_is_a_bad_upstream_response(
+    make_client: Any, upstream: UpstreamStub
+):
+    app, client = await make_client(
+        upstream_max_response_bytes=2048, upstream_fallback=False
+    )
+
+    response = await chat(client, "long:5000", user_on("bot-v1", upstream))
+
+    assert response.status_code == 502
+    assert "upstream_max_response_bytes" in response.json()["error"]["message"]
+    [event] = interactions(app)
+    assert event.error is not None and event.error.type == "bad_upstream_response"
