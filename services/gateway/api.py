@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.common.kafka import Topics
 from services.common.openai_errors import error_body
 from services.gateway.chat import (
-    INTERACTION_ID_HEADER,
     ChatEndpoint,
     Gatekeeper,
     error_response,
@@ -54,6 +53,10 @@ class ChatFastPath:
         self._chat = chat
         self._app = app
 
+    @property
+    def chat(self) -> ChatEndpoint:
+        return self._chat
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
@@ -62,19 +65,15 @@ class ChatFastPath:
         ):
             await self._app(scope, receive, send)
             return
+        request = Request(scope, receive)
+        reply = await self._chat.serve(
+            request.headers, lambda: self._chat.gatekeeper.read_body(request)
+        )
         try:
-            response = await self._chat.handle(Request(scope, receive))
-        except GatewayError as error:
-            response = error_response(error)
-        except Exception:
-            # What Starlette's error middleware would do, in OpenAI's shape.
-            logger.exception("chat request failed unexpectedly")
-            response = error_response(GatewayError("internal error in the gateway"))
-        try:
-            await response(scope, receive, send)
+            await reply.to_response()(scope, receive, send)
         finally:
             # The call is recorded once its answer is out, however sending ended.
-            self._chat.sent(response.headers.get(INTERACTION_ID_HEADER))
+            self._chat.sent(reply.interaction_id)
 
 
 class GatewayApi:

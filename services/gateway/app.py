@@ -17,6 +17,7 @@ from services.common.kafka import make_producer
 from services.gateway.api import GatewayApi
 from services.gateway.proxy import UpstreamClient
 from services.gateway.publisher import EventPublisher
+from services.gateway.server import GatewayProtocol
 from services.gateway.settings import DEV_PSEUDONYM_KEY, GatewaySettings
 from services.gateway.spool import Spool
 from services.gateway.tables import StaticTableSource, TableSource, WatchedTableSource
@@ -170,6 +171,9 @@ class App:
             access_log=False,
             # Client addresses are not used: no X-Forwarded-For parsing per request.
             proxy_headers=False,
+            # uvicorn's httptools protocol with chat completions served without
+            # ASGI (services/gateway/server.py).
+            http=GatewayProtocol,
             timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
         )
         server = _Server(config)

@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -105,6 +105,52 @@ def error_response(
     return json_response(error.to_body(), error.status_code, headers=headers)
 
 
+def error_body(error: GatewayError) -> bytes:
+    """An error's JSON body in OpenAI's shape."""
+    return orjson.dumps(error.to_body())
+
+
+@dataclass(slots=True)
+class ChatReply:
+    """A chat completion's answer, before any server writes it out.
+
+    JSON (`body`) or server-sent events (`stream`); `headers` are the extra ones
+    (the interaction id, an error's). The ASGI app sends it as a Starlette response
+    (`to_response`), the gateway's own HTTP protocol writes it to the socket itself
+    (`services.gateway.server`). Either then calls `ChatEndpoint.sent`.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    interaction_id: str | None = None
+
+    def to_response(self) -> Response:
+        if self.stream is not None:
+            return StreamingResponse(
+                self.stream,
+                status_code=self.status,
+                media_type="text/event-stream",
+                headers=self.headers,
+            )
+        return Response(
+            self.body, self.status, media_type="application/json", headers=self.headers
+        )
+
+
+def error_reply(
+    error: GatewayError,
+    headers: dict[str, str] | None = None,
+    interaction_id: str | None = None,
+) -> ChatReply:
+    """An error in OpenAI's shape as a reply, with the error's status and headers."""
+    merged = {**(headers or {}), **error.headers} if error.headers else headers or {}
+    return ChatReply(
+        error.status_code, merged, error_body(error), interaction_id=interaction_id
+    )
+
+
 @dataclass
 class _Call:
     """A routed chat call in flight, with what recording it needs."""
@@ -140,7 +186,7 @@ class Gatekeeper:
 
     def __init__(self, settings: GatewaySettings, tables: TableSource) -> None:
         self._api_keys = settings.api_keys
-        self._max_body_bytes = settings.max_body_bytes
+        self.max_body_bytes = settings.max_body_bytes
         self._limiter = RateLimiter(settings)
         self.tables = tables
         self.recent = RecentInteractions(settings.recent_interactions_max)
@@ -150,7 +196,11 @@ class Gatekeeper:
 
         AuthenticationError for a missing or unknown key, RateLimitError past a limit.
         """
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return self.authenticate_headers(request.headers)
+
+    def authenticate_headers(self, headers: Mapping[str, str]) -> str:
+        """`authenticate` for a request's headers (lowercase names)."""
+        scheme, _, key = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthenticationError(
                 "missing API key: send the header 'Authorization: Bearer <key>'"
@@ -165,7 +215,7 @@ class Gatekeeper:
 
     async def read_body(self, request: Request) -> bytes:
         """The whole body, or PayloadTooLargeError past `max_body_bytes`."""
-        limit = self._max_body_bytes
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLargeError(f"the body is larger than {limit} bytes")
@@ -202,7 +252,7 @@ class ChatEndpoint:
         interactions_topic: str,
     ) -> None:
         self._settings = settings
-        self._gatekeeper = gatekeeper
+        self.gatekeeper = gatekeeper
         self._upstream = upstream
         self._publisher = publisher
         self._topic = interactions_topic
@@ -233,18 +283,45 @@ class ChatEndpoint:
         return len(cut)
 
     async def handle(self, request: Request) -> Response:
-        """Answer one chat completion request."""
+        """Answer one chat completion request (ASGI), as a Starlette response."""
+        reply = await self.reply(
+            request.headers, lambda: self.gatekeeper.read_body(request)
+        )
+        return reply.to_response()
+
+    async def serve(
+        self, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]
+    ) -> ChatReply:
+        """`reply`, with any failure turned into an error reply in OpenAI's shape."""
+        try:
+            return await self.reply(headers, read_body)
+        except GatewayError as error:
+            return error_reply(error)
+        except Exception:
+            # What Starlette's error middleware would do, in OpenAI's shape.
+            logger.exception("chat request failed unexpectedly")
+            return error_reply(GatewayError("internal error in the gateway"))
+
+    async def reply(
+        self, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]
+    ) -> ChatReply:
+        """Answer one chat completion request.
+
+        `headers` by lowercase name; `read_body` returns the whole body or raises
+        PayloadTooLargeError. Once the reply was sent (or sending failed), the
+        server calls `sent` with its interaction id.
+        """
         started_s, started_at = time.perf_counter(), utc_now()
         try:
-            project_id = self._gatekeeper.authenticate(request)
-            chat = parse_chat_request(await self._gatekeeper.read_body(request))
-            route = self._gatekeeper.find_route(chat.route)
+            project_id = self.gatekeeper.authenticate_headers(headers)
+            chat = parse_chat_request(await read_body())
+            route = self.gatekeeper.find_route(chat.route)
         except GatewayError as error:
             # No route yet: the label stays empty so clients cannot mint label values.
             REQUESTS.labels(route="", variant="", status=str(error.status_code)).inc()
-            return error_response(error)
+            return error_reply(error)
 
-        identity = identify(chat, dict(request.headers))
+        identity = identify(chat, headers)
         bucket = bucket_of(route.name, identity.sticky_key)
         call = _Call(
             chat=chat,
@@ -256,7 +333,7 @@ class ChatEndpoint:
             started_s=started_s,
             started_at=started_at,
         )
-        self._gatekeeper.recent.remember(call.interaction_id, project_id)
+        self.gatekeeper.recent.remember(call.interaction_id, project_id)
         self._open[str(call.interaction_id)] = call
         self._none_open.clear()
         try:
@@ -274,40 +351,45 @@ class ChatEndpoint:
             self.finish(call)
             raise
 
-    async def _complete(self, call: _Call) -> Response:
-        headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
+    async def _complete(self, call: _Call) -> ChatReply:
+        interaction_id = str(call.interaction_id)
+        headers = {INTERACTION_ID_HEADER: interaction_id}
         upstream_started_s = time.perf_counter()
         try:
             answer = await self._send(call, self._upstream.complete)
         except GatewayError as error:
             call.status_code = error.status_code
             call.fail(error)
-            response = error_response(error, headers)
+            reply = error_reply(error, headers, interaction_id)
         else:
             call.outcome.add_completion(answer)
-            answer["id"] = str(call.interaction_id)
-            response = json_response(answer, headers=headers)
+            answer["id"] = interaction_id
+            reply = ChatReply(
+                200, headers, orjson.dumps(answer), interaction_id=interaction_id
+            )
         self._observe_upstream(call, upstream_started_s)
-        # The event is built and queued after the response is sent (see `sent`).
-        return response
+        # The event is built and queued after the reply is sent (see `sent`).
+        return reply
 
-    async def _stream(self, call: _Call) -> Response:
-        headers = {INTERACTION_ID_HEADER: str(call.interaction_id)}
+    async def _stream(self, call: _Call) -> ChatReply:
+        interaction_id = str(call.interaction_id)
+        headers = {INTERACTION_ID_HEADER: interaction_id}
         upstream_started_s = time.perf_counter()
         try:
             upstream_response = await self._send(call, self._upstream.open_stream)
         except GatewayError as error:
             call.status_code = error.status_code
             call.fail(error)
-            return error_response(error, headers)
+            return error_reply(error, headers, interaction_id)
         finally:
             self._observe_upstream(call, upstream_started_s)
 
         call.upstream_response = upstream_response
-        return StreamingResponse(
-            self._relay(upstream_response, call),
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache"},
+        return ChatReply(
+            200,
+            {**headers, "Cache-Control": "no-cache"},
+            stream=self._relay(upstream_response, call),
+            interaction_id=interaction_id,
         )
 
     async def _relay(

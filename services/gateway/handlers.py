@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import hmac
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -149,7 +150,7 @@ class Identity:
     session: str | None
 
 
-def identify(request: ChatRequest, headers: dict[str, str]) -> Identity:
+def identify(request: ChatRequest, headers: Mapping[str, str]) -> Identity:
     """The assignment key: body `user`, else X-Flywheel-User, else the session.
 
     Without any of them the key is random: the request is assigned fairly but a

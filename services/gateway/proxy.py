@@ -200,22 +200,73 @@ async def relay_stream(
     client_wants_usage: bool,
     started_s: float,
 ) -> AsyncIterator[bytes]:
-    """Forward an upstream SSE stream chunk by chunk, collecting the answer.
+    """Forward an upstream SSE stream as it arrives, collecting the answer.
 
     Each chunk's `id` becomes the interaction id; usage is stripped unless the client
-    asked for it (the gateway always asks upstream).
+    asked for it (the gateway always asks upstream). What one read of the upstream
+    brought is relayed at once, as one piece: no chunk waits for a later one.
     """
+    relay = _ChunkRelay(outcome, variant, interaction_id, client_wants_usage, started_s)
     with mapped_transport_errors(variant):
-        async for raw in _lines(response):
+        pending = b""
+        async for data in response.content.iter_any():
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            out = relay.lines(lines)
+            if out:
+                yield out
+            if relay.error is not None:
+                raise relay.error
+        if pending:
+            out = relay.lines([pending])
+            if out:
+                yield out
+            if relay.error is not None:
+                raise relay.error
+
+
+class _ChunkRelay:
+    """Turns upstream SSE lines into what the client gets, noting the answer."""
+
+    __slots__ = (
+        "_client_wants_usage",
+        "_interaction_id",
+        "_outcome",
+        "_started_s",
+        "_variant",
+        "error",
+    )
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        variant: Variant,
+        interaction_id: str,
+        client_wants_usage: bool,
+        started_s: float,
+    ) -> None:
+        self._outcome = outcome
+        self._variant = variant
+        self._interaction_id = interaction_id
+        self._client_wants_usage = client_wants_usage
+        self._started_s = started_s
+        # A chunk that ended the stream; the lines before it were relayed.
+        self.error: BadUpstreamResponseError | None = None
+
+    def lines(self, lines: list[bytes]) -> bytes:
+        """What to send for these complete lines (without their line ends)."""
+        out: list[bytes] = []
+        outcome = self._outcome
+        for raw in lines:
             line = raw.decode(errors="replace").rstrip("\r")
             if not line:
                 continue
             if not line.startswith("data:"):
-                yield line.encode() + b"\n"
+                out.append(line.encode() + b"\n")
                 continue
             payload = line[5:].strip()
             if payload == "[DONE]":
-                yield _DONE
+                out.append(_DONE)
                 continue
             try:
                 chunk = orjson.loads(payload)
@@ -224,28 +275,18 @@ async def relay_stream(
             if not isinstance(chunk, dict):
                 # OpenAI's clients fail on such a chunk with a parse error of their
                 # own; the stream ends here with an error chunk in OpenAI's shape.
-                raise BadUpstreamResponseError(
-                    f"upstream {variant.name} sent a stream chunk that is not a JSON "
-                    "object"
+                self.error = BadUpstreamResponseError(
+                    f"upstream {self._variant.name} sent a stream chunk that is not "
+                    "a JSON object"
                 )
+                break
             if outcome.add_chunk(chunk) and outcome.time_to_first_token_s is None:
-                outcome.time_to_first_token_s = time.perf_counter() - started_s
-            if not client_wants_usage and "usage" in chunk:
+                outcome.time_to_first_token_s = time.perf_counter() - self._started_s
+            if not self._client_wants_usage and "usage" in chunk:
                 del chunk["usage"]
                 if not chunk.get("choices"):
                     continue
             if "id" in chunk:
-                chunk["id"] = interaction_id
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The body's lines without their line ends, however long a line is."""
-    pending = b""
-    async for data in response.content.iter_any():
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line
-    if pending:
-        yield pending
+                chunk["id"] = self._interaction_id
+            out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        return b"".join(out)
