@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -57,6 +56,7 @@ from services.gateway.proxy import UpstreamClient, relay_stream
 from services.gateway.publisher import EventPublisher
 from services.gateway.settings import GatewaySettings, hash_api_key
 from services.gateway.tables import TableSource
+from services.gateway.upstream_http import UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class _Call:
     # The routed variant's name once a fallback variant took the call over.
     fallback_from: str | None = None
     # A stream's upstream answer, closed by the relay (or by `sent` if never relayed).
-    upstream_response: aiohttp.ClientResponse | None = None
+    upstream_response: UpstreamResponse | None = None
 
     def fail(self, error: GatewayError) -> None:
         self.outcome.error = ErrorInfo(
@@ -393,7 +393,7 @@ class ChatEndpoint:
         )
 
     async def _relay(
-        self, upstream_response: aiohttp.ClientResponse, call: _Call
+        self, upstream_response: UpstreamResponse, call: _Call
     ) -> AsyncIterator[bytes]:
         try:
             async for piece in relay_stream(
@@ -423,7 +423,7 @@ class ChatEndpoint:
             # Record before awaiting anything: a cancelled stream may be cancelled
             # again at its next await.
             self.finish(call)
-            if upstream_response.content.at_eof():
+            if upstream_response.at_eof():
                 upstream_response.release()  # the connection goes back to the pool
             else:
                 upstream_response.close()
