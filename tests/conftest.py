@@ -84,6 +84,14 @@ async def pg_pool(pg_settings: PostgresSettings) -> AsyncIterator[Any]:
     await pool.close()
 
 
+@pytest.fixture
+async def store_pool(pg_settings: PostgresSettings) -> AsyncIterator[Any]:
+    """A pool as the collector's store uses it: jsonb as JSON text."""
+    pool = await db.create_pool(pg_settings, jsonb_as="text")
+    yield pool
+    await pool.close()
+
+
 async def wait_until(
     condition: Callable[[], Any], *, timeout_s: float = 30.0, interval_s: float = 0.1
 ) -> Any:

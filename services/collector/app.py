@@ -33,7 +33,8 @@ class App:
         self.settings = settings
         self.stopping = asyncio.Event()
         self.intake: EventConsumer | None = None
-        self.postgres = PostgresLink(settings.postgres)
+        # Rows carry jsonb as the JSON text the row builders made (store.py COPYs).
+        self.postgres = PostgresLink(settings.postgres, jsonb_as="text")
         self.membership = GroupMembership()
         self.heartbeat = Heartbeat("consume loop", settings.liveness_timeout_s)
         self.probes = ProbeServer(

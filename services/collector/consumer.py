@@ -51,8 +51,8 @@ T = TypeVar("T")
 # Records validated between two turns of the event loop (well under a millisecond):
 # the batch being stored waits at most that long for each of its round trips.
 PREPARE_CHUNK = 50
-# Batches between validation and their committed offsets: one claiming and
-# committing, the next staging its rows meanwhile.
+# Batches between validation and their committed offsets: one being written and
+# committed, the next validated and waiting for it.
 MAX_BATCHES_IN_STORE = 2
 
 
@@ -134,12 +134,12 @@ class EventConsumer:
     async def consume_loop(self, stop: asyncio.Event) -> None:
         """Process batches until `stop` is set; the batches in hand are finished first.
 
-        Three batches overlap: the newest is fetched and validated (CPU) while the
-        one before it is COPYed into its staging tables and the oldest is claimed,
-        committed and its offsets committed. A batch claims its keys only after the
-        batch before it finished (rows, dead letters and offsets), so rows are
-        claimed in Kafka order and offsets still move in order and only past
-        stored rows, as if one batch were processed at a time.
+        Batches overlap: the newest is fetched and validated (CPU, here) while the
+        one before it is written and committed (mostly PostgreSQL's CPU), and a
+        third may wait its turn. A batch writes its rows only after the batch
+        before it finished (rows, dead letters and offsets), so keys are claimed
+        in Kafka order and offsets still move in order and only past stored rows,
+        as if one batch were processed at a time.
         """
         in_flight: deque[asyncio.Task[None]] = deque()
         try:
@@ -218,8 +218,8 @@ class EventConsumer:
     ) -> None:
         """Store, dead-letter and commit a prepared batch, in that order.
 
-        With `previous` (the batch before, still in hand), the rows are staged at
-        once but claimed only after `previous` finished.
+        With `previous` (the batch before, still in hand), the rows are written
+        only after `previous` finished.
         """
         sorted_batch = prepared.sorted_batch
 
@@ -241,20 +241,22 @@ class EventConsumer:
     def _sort(self, records: Sequence[Record]) -> Sorted:
         accepted: list[tuple[Record, EventKind, Row]] = []
         rejected: list[tuple[Record, Rejection]] = []
+        # Locals: this loop runs once per record.
+        kinds, keyring = self._kinds, self._keyring
+        max_payload_bytes = self._settings.max_payload_bytes
         for record in records:
+            kind = kinds[record.topic]
             outcome = parse_record(
-                self._kinds[record.topic],
-                record.value,
-                max_payload_bytes=self._settings.max_payload_bytes,
+                kind, record.value, max_payload_bytes=max_payload_bytes
             )
             if isinstance(outcome, Rejection):
                 rejected.append((record, outcome))
             elif isinstance(outcome, Interaction):
-                row = interaction_row(outcome, self._keyring)
-                accepted.append((record, EventKind.INTERACTION, row))
+                row = interaction_row(outcome, keyring)
+                accepted.append((record, kind, row))
             else:
-                row = feedback_row(outcome, self._keyring)
-                accepted.append((record, EventKind.FEEDBACK, row))
+                row = feedback_row(outcome, keyring)
+                accepted.append((record, kind, row))
         return Sorted(accepted, rejected)
 
     async def _store_events(
@@ -286,12 +288,14 @@ class EventConsumer:
     ) -> None:
         interactions = [row for kind, row in items if kind is EventKind.INTERACTION]
         feedback = [row for kind, row in items if kind is EventKind.FEEDBACK]
-        async with self._store.staged(interactions, feedback) as staged:
-            if previous is not None:
-                # Its failure (or stop) ends this batch too, rolled back. Shielded:
-                # this batch being cancelled must not cancel the one before it.
-                await asyncio.shield(previous)
-            stored_interactions, stored_feedback = await staged.claim()
+        if previous is not None:
+            # Keys are claimed in Kafka order: after the batch before committed. Its
+            # failure (or stop) ends this batch too. Shielded: this batch being
+            # cancelled must not cancel the one before it.
+            await asyncio.shield(previous)
+        stored_interactions, stored_feedback = await self._store.insert_batch(
+            interactions, feedback
+        )
         for kind, seen, stored in (
             (EventKind.INTERACTION, len(interactions), stored_interactions),
             (EventKind.FEEDBACK, len(feedback), stored_feedback),

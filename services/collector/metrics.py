@@ -28,6 +28,11 @@ EVENTS_DEADLETTERED = Counter(
     "Records sent to the dead-letter topic, by reason.",
     ["topic", "reason"],
 )
+REPEAT_BATCHES = Counter(
+    "flywheel_collector_repeat_batches_total",
+    "Batches that repeated a stored event (or one of their own) and took the keyed"
+    " insert path instead of plain COPY.",
+)
 STORE_RETRIES = Counter(
     "flywheel_collector_store_retries_total",
     "Batches retried because PostgreSQL could not take them.",

@@ -15,15 +15,15 @@ scan on `feedback_stored` plus a unique-index probe per row).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
 
+from services.collector import metrics
 from services.collector.errors import CollectorError, StoreUnavailableError
 from services.collector.handlers import FEEDBACK_COLUMNS, INTERACTION_COLUMNS
 
@@ -43,6 +43,12 @@ FEEDBACK_TYPES = (
 # SQLSTATE classes that blame the data, not the server: data exception, integrity
 # constraint violation, program limit exceeded. Retrying such a batch cannot help.
 ROW_ERROR_CLASSES = frozenset({"22", "23", "54"})
+
+
+class StoreMisconfiguredError(CollectorError):
+    """The store itself is wrong (a bug or a misconfiguration); nothing to retry."""
+
+    retriable = False
 
 
 class RowRefusedError(CollectorError):
@@ -166,32 +172,13 @@ WHERE NOT EXISTS (
 """
 
 
-class StagedBatch:
-    """A batch COPYed into the staging tables of an open transaction, not claimed."""
-
-    def __init__(
-        self, connection: asyncpg.Connection, writers: Sequence[TableWriter]
-    ) -> None:
-        self._connection = connection
-        self._writers = writers
-
-    async def claim(self) -> tuple[int, int]:
-        """Claim the keys and insert the rows; how many interactions and feedback
-        were new. They are committed when the `EventStore.staged` block ends.
-        """
-        stored = {INTERACTIONS.table: 0, FEEDBACK.table: 0}
-        try:
-            for writer in self._writers:
-                status = await self._connection.execute(writer.insert)
-                # The command tag reads "INSERT 0 <rows inserted>".
-                stored[writer.table] = int(status.rsplit(" ", 1)[-1])
-        except Exception as error:
-            raise _wrap(error) from error
-        return stored[INTERACTIONS.table], stored[FEEDBACK.table]
-
-
 class EventStore:
-    """Writes batches of rows in one transaction and counts what was new."""
+    """Writes batches of rows in one transaction and counts what was new.
+
+    Rows carry jsonb as JSON text, so the pool must pass it through as text
+    (`db.create_pool(settings, jsonb_as="text")`); with another jsonb codec COPY
+    cannot encode it and every write raises StoreMisconfiguredError.
+    """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -203,57 +190,28 @@ class EventStore:
     ) -> tuple[int, int]:
         """Insert both row sets atomically; return how many of each were new.
 
+        The common batch repeats nothing: its keys and rows are COPYed straight into
+        their tables, inside a savepoint. When a key is already taken (a replay
+        after a crash, a producer's retry, two collectors during a rebalance), the
+        savepoint is rolled back and the batch takes the keyed path instead, which
+        stores the first of each event and counts the rest as duplicates.
+
         Raises StoreUnavailableError (retry later) or RowRefusedError (split it).
-        """
-        async with self.staged(interaction_rows, feedback_rows) as batch:
-            return await batch.claim()
-
-    @contextlib.asynccontextmanager
-    async def staged(
-        self,
-        interaction_rows: Sequence[tuple[Any, ...]],
-        feedback_rows: Sequence[tuple[Any, ...]],
-    ) -> AsyncIterator[StagedBatch]:
-        """Open a transaction and COPY both row sets into the staging tables.
-
-        Nothing is visible to others until the block's `claim()` ran and the block
-        ended: then the transaction commits. An exception in the block rolls it
-        back and propagates as it is; the store's own failures are raised as
-        StoreUnavailableError (retry later) or RowRefusedError (split the batch).
-        Staging needs no key, so a caller may stage a batch while the one before
-        it is still being claimed, and claim after that one committed.
         """
         try:
             connection = await self._pool.acquire()
         except Exception as error:
             raise _wrap(error) from error
         try:
-            transaction = connection.transaction()
-            try:
-                await transaction.start()
-                await connection.execute(CREATE_BATCH_TABLES)
-                writers = [
-                    writer
-                    for writer, rows in (
-                        (INTERACTIONS, interaction_rows),
-                        (FEEDBACK, feedback_rows),
-                    )
-                    if await _stage(connection, writer, rows)
-                ]
-            except BaseException as error:
-                await _roll_back(transaction)
-                if isinstance(error, Exception):
-                    raise _wrap(error) from error
-                raise
-            try:
-                yield StagedBatch(connection, writers)
-            except BaseException:
-                await _roll_back(transaction)
-                raise
-            try:
-                await transaction.commit()
-            except Exception as error:
-                raise _wrap(error) from error
+            async with connection.transaction():
+                if await _copy_when_all_new(
+                    connection, interaction_rows, feedback_rows
+                ):
+                    return len(interaction_rows), len(feedback_rows)
+                metrics.REPEAT_BATCHES.inc()
+                return await _insert_keyed(connection, interaction_rows, feedback_rows)
+        except Exception as error:
+            raise _wrap(error) from error
         finally:
             await self._pool.release(connection)
 
@@ -285,35 +243,71 @@ class EventStore:
         return int(count)
 
 
-async def _stage(
+async def _copy_when_all_new(
     connection: asyncpg.Connection,
-    writer: TableWriter,
-    rows: Sequence[tuple[Any, ...]],
+    interaction_rows: Sequence[tuple[Any, ...]],
+    feedback_rows: Sequence[tuple[Any, ...]],
 ) -> bool:
-    """COPY the rows into the writer's staging table; False when there are none."""
-    if not rows:
+    """COPY the keys, then the rows, inside a savepoint; False when a key was taken.
+
+    A key another open transaction holds makes its COPY wait for that transaction,
+    as an insert would: taken if it commits, free if it rolls back.
+    """
+    event_keys = [(row[0],) for row in interaction_rows]
+    event_keys += [(row[0],) for row in feedback_rows]
+    interaction_keys = [(row[1],) for row in interaction_rows]
+    try:
+        async with connection.transaction():
+            await _copy(connection, "event_keys", ("event_id",), event_keys)
+            await _copy(
+                connection, "interaction_keys", ("interaction_id",), interaction_keys
+            )
+            await _copy(
+                connection, INTERACTIONS.table, INTERACTIONS.columns, interaction_rows
+            )
+            await _copy(connection, FEEDBACK.table, FEEDBACK.columns, feedback_rows)
+    except asyncpg.UniqueViolationError:
         return False
+    return True
+
+
+async def _insert_keyed(
+    connection: asyncpg.Connection,
+    interaction_rows: Sequence[tuple[Any, ...]],
+    feedback_rows: Sequence[tuple[Any, ...]],
+) -> tuple[int, int]:
+    """Stage the rows, then claim their keys and insert the rows that won them."""
+    await connection.execute(CREATE_BATCH_TABLES)
+    stored = {INTERACTIONS.table: 0, FEEDBACK.table: 0}
+    for writer, rows in ((INTERACTIONS, interaction_rows), (FEEDBACK, feedback_rows)):
+        if not rows:
+            continue
+        await _copy(connection, writer.staging, writer.columns, rows, schema="pg_temp")
+        status = await connection.execute(writer.insert)
+        # The command tag reads "INSERT 0 <rows inserted>".
+        stored[writer.table] = int(status.rsplit(" ", 1)[-1])
+    return stored[INTERACTIONS.table], stored[FEEDBACK.table]
+
+
+async def _copy(
+    connection: asyncpg.Connection,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    *,
+    schema: str | None = None,
+) -> None:
+    """COPY the rows into the table (binary format); nothing when there are none."""
+    if not rows:
+        return
     try:
         await connection.copy_records_to_table(
-            writer.staging,
-            schema_name="pg_temp",
-            columns=list(writer.columns),
-            records=rows,
+            table, schema_name=schema, columns=list(columns), records=rows
         )
     except (TypeError, ValueError, OverflowError) as error:
         # Raised client-side while encoding a value for its column type (a
         # parameter's encoder raises asyncpg's DataError for the same).
         raise RowRefusedError(f"a value could not be encoded: {error!r}") from error
-    return True
-
-
-async def _roll_back(transaction: Any) -> None:
-    # The connection may be gone already; the pool then discards it, and the
-    # server rolls back on its own.
-    try:
-        await transaction.rollback()
-    except Exception as error:  # noqa: BLE001 (the original error is raised)
-        logger.debug("rollback failed: %r", error)
 
 
 def _wrap(error: Exception) -> CollectorError:
@@ -323,6 +317,9 @@ def _wrap(error: Exception) -> CollectorError:
         (error.sqlstate or "")[:2] in ROW_ERROR_CLASSES
     ):
         return RowRefusedError(f"PostgreSQL refused a row: {error!r}")
+    if isinstance(error, asyncpg_base.InternalClientError):
+        # A bug (a pool whose jsonb codec cannot COPY, say): retrying cannot help.
+        return StoreMisconfiguredError(f"the store cannot write: {error!r}")
     if isinstance(error, asyncpg_base.DataError):
         # Raised client-side when a value cannot be encoded for its column type.
         return RowRefusedError(f"a value could not be encoded: {error!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from importlib import resources
+from typing import Literal
 
 import asyncpg
 import orjson
@@ -26,15 +27,25 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
-    """A pool whose connections see only the configured schema (search_path)."""
+JsonbAs = Literal["objects", "text"]
+
+
+async def create_pool(
+    settings: PostgresSettings, *, jsonb_as: JsonbAs = "objects"
+) -> asyncpg.Pool:
+    """A pool whose connections see only the configured schema (search_path).
+
+    jsonb values are Python objects (encoded with orjson), or with
+    `jsonb_as="text"` JSON text passed through unparsed (asyncpg's own codec, which
+    COPY's binary format can use too).
+    """
     pool = await asyncpg.create_pool(
         settings.dsn.get_secret_value(),
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         command_timeout=settings.command_timeout_s,
         server_settings={"search_path": settings.db_schema},
-        init=_init_connection,
+        init=_init_connection if jsonb_as == "objects" else None,
     )
     assert pool is not None  # create_pool returns None only when awaited lazily
     return pool

@@ -34,8 +34,11 @@ UNREACHABLE = (
 class PostgresLink:
     """The service's pool once connected, and why not while it is not."""
 
-    def __init__(self, settings: PostgresSettings) -> None:
+    def __init__(
+        self, settings: PostgresSettings, *, jsonb_as: db.JsonbAs = "objects"
+    ) -> None:
         self.settings = settings
+        self.jsonb_as = jsonb_as
         self.pool: asyncpg.Pool | None = None
         self.last_error: str | None = None
 
@@ -59,7 +62,7 @@ class PostgresLink:
             try:
                 if migrate:
                     await db.migrate(self.settings)
-                self.pool = await db.create_pool(self.settings)
+                self.pool = await db.create_pool(self.settings, jsonb_as=self.jsonb_as)
                 self.last_error = None
                 return self.pool
             except UNREACHABLE as error:

@@ -50,8 +50,9 @@ def day_name(table: str, days_from_today: int) -> str:
 
 async def test_migration_creates_day_partitions_and_rows_land_in_today(
     pg_pool: asyncpg.Pool,
+    store_pool: asyncpg.Pool,
 ) -> None:
-    store = EventStore(pg_pool)
+    store = EventStore(store_pool)
     interaction = make_interaction()
     feedback = make_feedback(interaction.interaction_id)
 
@@ -72,8 +73,9 @@ async def test_migration_creates_day_partitions_and_rows_land_in_today(
 
 async def test_keys_make_inserts_idempotent_across_partitions(
     pg_pool: asyncpg.Pool,
+    store_pool: asyncpg.Pool,
 ) -> None:
-    store = EventStore(pg_pool)
+    store = EventStore(store_pool)
     first = make_interaction()
     clash = make_interaction(interaction_id=first.interaction_id)
     rating = make_feedback(first.interaction_id)
@@ -92,8 +94,9 @@ async def test_keys_make_inserts_idempotent_across_partitions(
 
 async def test_retention_drops_expired_partitions_rows_and_keys(
     pg_pool: asyncpg.Pool,
+    store_pool: asyncpg.Pool,
 ) -> None:
-    store = EventStore(pg_pool)
+    store = EventStore(store_pool)
     interaction = make_interaction()
     await store.insert_batch([interaction_row(interaction)], [])
     later = datetime.now(UTC) + timedelta(days=3)
@@ -121,7 +124,7 @@ async def test_migration_moves_rows_stored_before_it(
     every_file = db._migration_files()
     monkeypatch.setattr(db, "_migration_files", lambda: every_file[:1])
     await db.migrate(settings)
-    pool = await db.create_pool(settings)
+    pool = await db.create_pool(settings, jsonb_as="text")
     try:
         old = make_interaction()
         rating = make_feedback(old.interaction_id)
@@ -157,7 +160,7 @@ async def _insert_plain(
         " VALUES ($1, $2, 'demo', 'support-bot', 'baseline', $3, 0.3, $4, $4, $4)",
         interaction.event_id,
         interaction.interaction_id,
-        [{"role": "user", "content": "hi"}],
+        '[{"role": "user", "content": "hi"}]',
         stored_at,
     )
     await pool.execute(

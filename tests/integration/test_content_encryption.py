@@ -151,7 +151,10 @@ async def test_collector_with_a_key_stores_no_plaintext_and_trainer_reads_it(
 async def store_rated(
     pool: asyncpg.Pool, keyring: Keyring | None, count: int
 ) -> dict[str, set[str]]:
-    """`count` rated interactions, every second corrected, stored like the collector."""
+    """`count` rated interactions, every second corrected, stored like the collector.
+
+    `pool` is one as the collector's store uses it (jsonb as JSON text).
+    """
     store = EventStore(pool)
     expected: dict[str, set[str]] = {}
     for index in range(count):
@@ -188,11 +191,11 @@ async def key_ids(pool: asyncpg.Pool) -> list[str | None]:
 
 
 async def test_rotate_reseals_old_key_and_plaintext_rows_once(
-    pg_pool: asyncpg.Pool, tmp_path: Path
+    pg_pool: asyncpg.Pool, store_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     old = keys("ka", f"ka:{KEY_A}").keyring
-    expected = await store_rated(pg_pool, old, 5)
-    expected |= await store_rated(pg_pool, None, 4)
+    expected = await store_rated(store_pool, old, 5)
+    expected |= await store_rated(store_pool, None, 4)
     both = keys("kb", f"ka:{KEY_A}", f"kb:{KEY_B}").keyring
     only_new = keys("kb", f"kb:{KEY_B}").keyring
 
@@ -212,9 +215,9 @@ async def test_rotate_reseals_old_key_and_plaintext_rows_once(
 
 
 async def test_rotate_skips_a_locked_row_and_a_rerun_takes_it(
-    pg_pool: asyncpg.Pool, tmp_path: Path
+    pg_pool: asyncpg.Pool, store_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    expected = await store_rated(pg_pool, None, 3)
+    expected = await store_rated(store_pool, None, 3)
     keyring = keys("kb", f"kb:{KEY_B}").keyring
     locked_id = await pg_pool.fetchval(
         "SELECT event_id FROM interactions ORDER BY event_id LIMIT 1"
@@ -235,9 +238,9 @@ async def test_rotate_skips_a_locked_row_and_a_rerun_takes_it(
 
 
 async def test_cli_rotate_key_prints_counts_and_refuses_bad_keys(
-    pg_settings: PostgresSettings, pg_pool: asyncpg.Pool
+    pg_settings: PostgresSettings, pg_pool: asyncpg.Pool, store_pool: asyncpg.Pool
 ) -> None:
-    await store_rated(pg_pool, keys("ka", f"ka:{KEY_A}").keyring, 2)
+    await store_rated(store_pool, keys("ka", f"ka:{KEY_A}").keyring, 2)
     env = {
         **os.environ,
         "FLYWHEEL_ENCRYPTION__KEYS": f"ka:{KEY_A},kb:{KEY_B}",
@@ -281,11 +284,12 @@ async def test_cli_rotate_key_prints_counts_and_refuses_bad_keys(
 
 async def test_schema_refuses_a_row_with_a_key_id_and_plaintext_content(
     pg_pool: asyncpg.Pool,
+    store_pool: asyncpg.Pool,
 ) -> None:
     keyring = keys("ka", f"ka:{KEY_A}").keyring
     interaction = make_interaction()
     feedback = make_feedback(interaction.interaction_id, kind="comment", text="hi")
-    await EventStore(pg_pool).insert_batch(
+    await EventStore(store_pool).insert_batch(
         [interaction_row(interaction, keyring)], [feedback_row(feedback, keyring)]
     )
 
