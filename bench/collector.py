@@ -37,7 +37,7 @@ from services.collector.handlers import (
     interaction_row,
 )
 from services.collector.settings import CollectorSettings
-from services.common import db, kafka
+from services.common import db, kafka, lifecycle
 from services.common.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from services.common.events import Feedback, Interaction, encode, utc_now
 from services.common.settings import KafkaSettings, PostgresSettings
@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     pairs = max(args.events // 2, 1)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as folder:
-        seconds = asyncio.run(run(pairs, args.rounds, Path(folder)))
+        # The loop the collector runs on in production (uvloop when installed).
+        seconds = lifecycle.run(run(pairs, args.rounds, Path(folder)))
     print(report(seconds, 2 * pairs))
     return 0
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.collector.app import App
 from services.collector.settings import CollectorSettings
-from services.common.lifecycle import install_stop_signals
+from services.common.lifecycle import install_stop_signals, run
 from services.common.logs import configure_logging
 
 
@@ -21,7 +19,7 @@ def main() -> None:
     """Load settings, configure logging, run until stopped (exit 0 on a clean stop)."""
     settings = CollectorSettings.load()
     configure_logging(settings.logging, service="collector")
-    asyncio.run(serve(settings))
+    run(serve(settings))
 
 
 if __name__ == "__main__":
