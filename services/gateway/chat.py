@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
+from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -88,6 +89,19 @@ def _may_fall_back(error: GatewayError) -> bool:
 
 INTERACTION_ID_HEADER = "X-Flywheel-Interaction-Id"
 
+# Metric children by metric and label values: `labels()` takes a lock and builds
+# its key on every call. Label values come from the routing table and HTTP
+# statuses, so this stays small.
+_CHILDREN: dict[tuple[object, ...], Any] = {}
+
+
+def _child(metric: Counter | Histogram, *values: str) -> Any:
+    key = (metric, *values)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*values)
+    return child
+
 
 def json_response(body: Any, status_code: int = 200, **kwargs: Any) -> Response:
     """A JSON response serialized with orjson."""
@@ -118,6 +132,8 @@ class ChatReply:
     (the interaction id, an error's). The ASGI app sends it as a Starlette response
     (`to_response`), the gateway's own HTTP protocol writes it to the socket itself
     (`services.gateway.server`). Either then calls `ChatEndpoint.sent`.
+    `upstream_done` tells a stream's writer whether the upstream answer is complete
+    (the rest of the stream then comes without waiting for the upstream).
     """
 
     status: int
@@ -125,6 +141,7 @@ class ChatReply:
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
     interaction_id: str | None = None
+    upstream_done: Callable[[], bool] | None = None
 
     def to_response(self) -> Response:
         if self.stream is not None:
@@ -171,6 +188,13 @@ class _Call:
     fallback_from: str | None = None
     # A stream's upstream answer, closed by the relay (or by `sent` if never relayed).
     upstream_response: UpstreamResponse | None = None
+    # Whether a stream's relay began (so its end is recorded by `sent`).
+    relayed: bool = False
+    # The interaction id as text, made once.
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = str(self.interaction_id)
 
     def fail(self, error: GatewayError) -> None:
         self.outcome.error = ErrorInfo(
@@ -334,7 +358,7 @@ class ChatEndpoint:
             started_at=started_at,
         )
         self.gatekeeper.recent.remember(call.interaction_id, project_id)
-        self._open[str(call.interaction_id)] = call
+        self._open[call.key] = call
         self._none_open.clear()
         try:
             if chat.stream:
@@ -352,7 +376,7 @@ class ChatEndpoint:
             raise
 
     async def _complete(self, call: _Call) -> ChatReply:
-        interaction_id = str(call.interaction_id)
+        interaction_id = call.key
         headers = {INTERACTION_ID_HEADER: interaction_id}
         upstream_started_s = time.perf_counter()
         try:
@@ -372,7 +396,7 @@ class ChatEndpoint:
         return reply
 
     async def _stream(self, call: _Call) -> ChatReply:
-        interaction_id = str(call.interaction_id)
+        interaction_id = call.key
         headers = {INTERACTION_ID_HEADER: interaction_id}
         upstream_started_s = time.perf_counter()
         try:
@@ -390,17 +414,19 @@ class ChatEndpoint:
             {**headers, "Cache-Control": "no-cache"},
             stream=self._relay(upstream_response, call),
             interaction_id=interaction_id,
+            upstream_done=upstream_response.finished,
         )
 
     async def _relay(
         self, upstream_response: UpstreamResponse, call: _Call
     ) -> AsyncIterator[bytes]:
+        call.relayed = True
         try:
             async for piece in relay_stream(
                 upstream_response,
                 call.outcome,
                 variant=call.variant,
-                interaction_id=str(call.interaction_id),
+                interaction_id=call.key,
                 client_wants_usage=call.chat.client_wants_usage,
                 started_s=call.started_s,
             ):
@@ -414,15 +440,14 @@ class ChatEndpoint:
             call.fail(error)
             yield b"data: " + orjson.dumps(error.to_body()) + b"\n\n"
         except BaseException:
-            # The client went away mid-stream (cancellation): still recorded, once.
+            # The client went away mid-stream (cancellation): recorded as such by
+            # `sent`, which the server calls however sending ended.
             call.outcome.error = ErrorInfo(
                 type="client_disconnected", message="the client left mid-stream"
             )
             raise
         finally:
-            # Record before awaiting anything: a cancelled stream may be cancelled
-            # again at its next await.
-            self.finish(call)
+            # Nothing awaited here: a cancelled stream may be cancelled again.
             if upstream_response.at_eof():
                 upstream_response.release()  # the connection goes back to the pool
             else:
@@ -497,22 +522,23 @@ class ChatEndpoint:
         self.finish(failed)
 
     def _observe_upstream(self, call: _Call, upstream_started_s: float) -> None:
-        UPSTREAM_SECONDS.labels(
-            route=call.route.name, variant=call.variant.name
-        ).observe(time.perf_counter() - upstream_started_s)
+        _child(UPSTREAM_SECONDS, call.route.name, call.variant.name).observe(
+            time.perf_counter() - upstream_started_s
+        )
 
     def sent(self, interaction_id: str | None) -> None:
         """Record the call of a response whose sending ended, however it ended.
 
-        A non-streamed call (or an error) is recorded here, once its answer is out;
-        a stream records itself as its relay ends, unless the relay never started
-        (the client left before the first byte): then it is recorded here and its
-        upstream answer closed. Synchronous: this may run inside a cancellation.
+        Every call is recorded here once its answer is out (for a stream: after its
+        last chunk, so that building the event is not in the answer's way). A
+        stream whose relay never started (the client left before the first byte)
+        is recorded as such, its upstream answer closed. Synchronous: this may run
+        inside a cancellation.
         """
         call = self._open.get(interaction_id) if interaction_id else None
         if call is None:
             return
-        if call.upstream_response is not None:
+        if call.upstream_response is not None and not call.relayed:
             if call.outcome.error is None:
                 call.outcome.error = ErrorInfo(
                     type="client_disconnected",
@@ -526,13 +552,13 @@ class ChatEndpoint:
         if call.finished:
             return
         call.finished = True
-        self._open.pop(str(call.interaction_id), None)
+        self._open.pop(call.key, None)
         if not self._open:
             self._none_open.set()
         latency_s = time.perf_counter() - call.started_s
-        labels = {"route": call.route.name, "variant": call.variant.name}
-        REQUESTS.labels(**labels, status=str(call.status_code)).inc()
-        REQUEST_SECONDS.labels(**labels).observe(latency_s)
+        route, variant = call.route.name, call.variant.name
+        _child(REQUESTS, route, variant, str(call.status_code)).inc()
+        _child(REQUEST_SECONDS, route, variant).observe(latency_s)
         if call.outcome.error is not None:
             level = logging.ERROR if call.status_code >= 500 else logging.WARNING
             logger.log(
@@ -571,4 +597,4 @@ class ChatEndpoint:
             )
             EVENTS_DROPPED.labels(topic=self._topic, reason="unbuildable").inc()
             return
-        self._publisher.publish(self._topic, str(call.interaction_id), event)
+        self._publisher.publish(self._topic, call.key, event)

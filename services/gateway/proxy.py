@@ -243,20 +243,25 @@ class _ChunkRelay:
         out: list[bytes] = []
         outcome = self._outcome
         for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\r")
+            line = raw.rstrip(b"\r")
             if not line:
                 continue
-            if not line.startswith("data:"):
-                out.append(line.encode() + b"\n")
+            if not line.startswith(b"data:"):
+                # Comments and other fields pass as they came.
+                out.append(line + b"\n")
                 continue
             payload = line[5:].strip()
-            if payload == "[DONE]":
+            if payload == b"[DONE]":
                 out.append(_DONE)
                 continue
             try:
                 chunk = orjson.loads(payload)
             except orjson.JSONDecodeError:
-                chunk = None
+                # Invalid UTF-8 inside is replaced, as a lenient client would.
+                try:
+                    chunk = orjson.loads(payload.decode(errors="replace"))
+                except orjson.JSONDecodeError:
+                    chunk = None
             if not isinstance(chunk, dict):
                 # OpenAI's clients fail on such a chunk with a parse error of their
                 # own; the stream ends here with an error chunk in OpenAI's shape.

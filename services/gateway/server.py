@@ -193,9 +193,15 @@ class _ChatExchange:
             return
         protocol = self._protocol
         transport, flow = protocol.transport, protocol.flow
-        head = self._head(reply)
-        head += (_STREAM_HEAD, b"\r\n")
-        transport.write(b"".join(head))
+        upstream_done = reply.upstream_done or _never
+        # What is ready goes out at once, unless the upstream answer is complete
+        # already: then everything left comes without waiting, so it is joined
+        # into fewer writes (one, for an answer that arrived whole).
+        out = self._head(reply)
+        out += (_STREAM_HEAD, b"\r\n")
+        if not upstream_done():
+            transport.write(b"".join(out))
+            out = []
         self._streaming = True
         try:
             async for piece in stream:
@@ -203,13 +209,17 @@ class _ChatExchange:
                     await flow.drain()
                 if self.disconnected:
                     raise asyncio.CancelledError
-                transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                out.append(b"%x\r\n%b\r\n" % (len(piece), piece))
+                if not upstream_done():
+                    transport.write(b"".join(out))
+                    out = []
         finally:
             self._streaming = False
             aclose: Callable[[], Any] | None = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        transport.write(_LAST_CHUNK)
+        out.append(_LAST_CHUNK)
+        transport.write(b"".join(out))
         self._complete()
 
     def _complete(self) -> None:
@@ -217,6 +227,10 @@ class _ChatExchange:
         if not self.keep_alive:
             self._protocol.transport.close()
         self._protocol.on_response_complete()
+
+
+def _never() -> bool:
+    return False
 
 
 class _Wake:

@@ -332,6 +332,10 @@ class UpstreamResponse:
             if transport is not None and not self._conn.closed:
                 transport.resume_reading()
 
+    def finished(self) -> bool:
+        """Whether the upstream is done: the body is all here, or it failed."""
+        return self._done or self._error is not None
+
     def at_eof(self) -> bool:
         return self._done and not self._chunks
 
