@@ -58,6 +58,14 @@ KNOWN_SCHEMA_VERSIONS = {
 }
 
 
+# Per kind: the model and the newest schema version this collector knows. (A plain
+# dict lookup: reading an enum member off its class costs more than validating.)
+FAST_PATH_MODELS: dict[EventKind, tuple[type[Interaction] | type[Feedback], int]] = {
+    EventKind.INTERACTION: (Interaction, INTERACTION_SCHEMA_VERSION),
+    EventKind.FEEDBACK: (Feedback, FEEDBACK_SCHEMA_VERSION),
+}
+
+
 class RejectReason(StrEnum):
     """Why a record was dead-lettered (the `reason` label of the metric)."""
 
@@ -131,14 +139,14 @@ def _maybe_parse_fast(kind: EventKind, value: bytes) -> Event | None:
         or (CAPITAL_I in value and INFINITY in value)
     ):
         return None
-    model = Interaction if kind is EventKind.INTERACTION else Feedback
+    model, known_version = FAST_PATH_MODELS[kind]
     try:
         event: Event = model.model_validate_json(value)
     except ValidationError:
         return None
-    if event.schema_version > KNOWN_SCHEMA_VERSIONS[kind]:
+    if event.schema_version > known_version:
         return None
-    if isinstance(event, Interaction):
+    if type(event) is Interaction:
         usage = event.usage
         if max(usage.prompt_tokens, usage.completion_tokens) > MAX_INT4:
             return None
