@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 
 from services.gateway.errors import RateLimitError
@@ -92,19 +93,23 @@ class RecentInteractions:
 
     def __init__(self, max_size: int) -> None:
         self._max_size = max_size
-        self._owners: dict[uuid.UUID, str] = {}
+        # Keyed by the id's integer: ints are not tracked by the garbage collector,
+        # UUID objects are (hundreds of thousands of them made every full
+        # collection a pause of many milliseconds). An OrderedDict drops its oldest
+        # in constant time; a dict's first key is found by skipping every slot
+        # freed before it, tens of microseconds per call once full.
+        self._owners: OrderedDict[int, str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._owners)
 
     def remember(self, interaction_id: uuid.UUID, project_id: str) -> None:
-        owners = self._owners
-        if interaction_id in owners:
+        owners, key = self._owners, interaction_id.int
+        if key in owners:
             return
-        owners[interaction_id] = project_id
+        owners[key] = project_id
         if len(owners) > self._max_size:
-            # dicts keep insertion order: the first key is the oldest.
-            del owners[next(iter(owners))]
+            owners.popitem(last=False)
 
     def owner(self, interaction_id: uuid.UUID) -> str | None:
-        return self._owners.get(interaction_id)
+        return self._owners.get(interaction_id.int)

@@ -50,7 +50,9 @@ class _ChatExchange:
     It stands where uvicorn keeps its request-response cycle (`protocol.cycle`), so
     the protocol's connection-lost, shutdown and pipelining code sees the
     attributes it reads there: `response_complete`, `disconnected`, `keep_alive`,
-    `message_event`.
+    `message_event` (the exchange itself: uvicorn calls its `set` when the
+    connection is lost). It keeps no reference cycle once its task ended, so it is
+    freed at once rather than by the garbage collector (whose pauses count).
     """
 
     __slots__ = (
@@ -66,7 +68,6 @@ class _ChatExchange:
         "disconnected",
         "headers",
         "keep_alive",
-        "message_event",
         "response_complete",
     )
 
@@ -92,12 +93,18 @@ class _ChatExchange:
         self._streaming = False
         self.disconnected = False
         self.response_complete = False
-        # uvicorn's connection_lost sets this; the exchange has nothing to wake there
-        # (`_Wake` does it: see `connection_lost`).
-        self.message_event = _Wake(self)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             self._too_large = True
+
+    @property
+    def message_event(self) -> _ChatExchange:
+        return self
+
+    def set(self) -> None:
+        """uvicorn's `connection_lost` calls this (as `cycle.message_event.set()`)."""
+        if not self.response_complete:
+            self.lost()
 
     # Body, from the parser's callbacks.
     def feed(self, data: bytes) -> None:
@@ -156,15 +163,18 @@ class _ChatExchange:
             self._task.cancel()
 
     async def _run(self, chat: ChatEndpoint) -> None:
-        reply = await chat.serve(self.headers, self.read_body)
         try:
-            if reply.stream is None:
-                self._write_whole(reply)
-            else:
-                await self._write_stream(reply)
+            reply = await chat.serve(self.headers, self.read_body)
+            try:
+                if reply.stream is None:
+                    self._write_whole(reply)
+                else:
+                    await self._write_stream(reply)
+            finally:
+                # The call is recorded once its answer is out, however sending ended.
+                chat.sent(reply.interaction_id)
         finally:
-            # The call is recorded once its answer is out, however sending ended.
-            chat.sent(reply.interaction_id)
+            self._task = None  # the task refers to this exchange: no cycle left
 
     def _head(self, reply: ChatReply) -> list[bytes]:
         head = [STATUS_LINE[reply.status]]
@@ -231,19 +241,6 @@ class _ChatExchange:
 
 def _never() -> bool:
     return False
-
-
-class _Wake:
-    """What uvicorn's `connection_lost` calls `set` on: tells the exchange."""
-
-    __slots__ = ("_exchange",)
-
-    def __init__(self, exchange: _ChatExchange) -> None:
-        self._exchange = exchange
-
-    def set(self) -> None:
-        if not self._exchange.response_complete:
-            self._exchange.lost()
 
 
 class GatewayProtocol(HttpToolsProtocol):

@@ -161,7 +161,11 @@ class UpstreamResponse:
         self._conn = conn
         self._loop = client.loop
         self._read_timeout_s = client.read_timeout_s
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser refers to this response: dropped once done, so that no cycle
+        # is left for the garbage collector.
+        self._parser: httptools.HttpResponseParser | None = (
+            httptools.HttpResponseParser(self)
+        )
         self._header_items: list[tuple[bytes, bytes]] = []
         self._chunks: list[bytes] = []
         self._size = 0
@@ -183,6 +187,7 @@ class UpstreamResponse:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         if 100 <= status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
@@ -236,10 +241,11 @@ class UpstreamResponse:
 
     # From the connection.
     def feed(self, data: bytes) -> None:
-        if self._error is not None:
+        parser = self._parser
+        if self._error is not None or parser is None:
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(MalformedResponseError("the upstream switched protocols"))
         except httptools.HttpParserError as error:
@@ -349,6 +355,7 @@ class UpstreamResponse:
             self._done and self._error is None and not conn.closed and self._keep_alive
         )
         conn.response = None
+        self._parser = None
         self._client.give_back(conn, reusable=reusable)
 
     def close(self) -> None:
@@ -358,6 +365,7 @@ class UpstreamResponse:
         self._released = True
         conn = self._conn
         conn.response = None
+        self._parser = None
         conn.close()
         self._client.give_back(conn, reusable=False)
 
