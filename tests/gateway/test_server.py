@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,9 @@ import uvicorn
 from services.common.embedded import free_port
 from services.common.events import Interaction
 from services.gateway.app import App
-from services.gateway.server import GatewayProtocol
+from services.gateway.server import GatewayProtocol, _ChatExchange
 from services.gateway.tables import StaticTableSource
+from services.gateway.upstream_http import UpstreamResponse
 from tests.conftest import wait_until
 from tests.gateway.conftest import AUTH, make_settings, make_table, queued
 from tests.gateway.upstream_stub import UpstreamStub
@@ -344,3 +346,32 @@ async def test_shutdown_past_its_grace_records_the_cut_call(upstream: UpstreamSt
     [event] = interactions(served.app)
     assert event.error is not None and event.error.type == "cancelled"
     assert await served.app.api.chat.settle(0.1) == 0
+
+
+async def test_served_calls_leave_no_reference_cycles(served: Served):
+    # Objects in a cycle wait for the garbage collector, whose pauses are the
+    # gateway's slowest answers: a call's exchange and upstream response must be
+    # freed as soon as the call is over.
+    async with httpx.AsyncClient(base_url=served.url, trust_env=False) as http:
+        await http.post("/v1/chat/completions", json=chat_body("warm"), headers=AUTH)
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for stream in (False, True, False, True):
+                answer = await http.post(
+                    "/v1/chat/completions",
+                    json=chat_body("hello", stream=stream),
+                    headers=AUTH,
+                )
+                assert answer.status_code == 200
+            gc.collect()
+            cyclic = [
+                type(item).__name__
+                for item in gc.garbage
+                if isinstance(item, _ChatExchange | UpstreamResponse)
+            ]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+    assert cyclic == []
