@@ -476,7 +476,8 @@ def pipeline() -> db.Dashboard:
         .with_panel(
             graph(
                 "Collector batches",
-                "p95 time to store and commit one batch, and PostgreSQL retries.",
+                "p95 time to store and commit one batch, PostgreSQL retries, and "
+                "batches that repeated a stored event (the slower keyed insert).",
                 "s",
                 (
                     "histogram_quantile(0.95, sum by (le) "
@@ -484,6 +485,10 @@ def pipeline() -> db.Dashboard:
                     "batch p95",
                 ),
                 (f"sum(rate({collector}_store_retries_total[{RATE}]))", "retries/s"),
+                (
+                    f"sum(rate({collector}_repeat_batches_total[{RATE}]))",
+                    "repeat batches/s",
+                ),
             )
         )
         .with_panel(
