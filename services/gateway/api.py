@@ -47,7 +47,12 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 class ChatFastPath:
-    """ASGI: POST /v1/chat/completions straight to the endpoint, the rest to `app`."""
+    """ASGI: POST /v1/chat/completions straight to the endpoint, the rest to `app`.
+
+    Served by the gateway's own protocol (`services.gateway.server`), chat
+    completions do not even come here: it finds the endpoint as `.chat` and answers
+    them without ASGI. This path serves them under any other ASGI server (tests).
+    """
 
     def __init__(self, chat: ChatEndpoint, app: ASGIApp) -> None:
         self._chat = chat
@@ -104,8 +109,9 @@ class GatewayApi:
     def application(self) -> ASGIApp:
         """The ASGI application serving every endpoint.
 
-        Chat completions, the hot path, skip Starlette's router and middleware (a
-        fifth of the gateway's CPU per request); every other path goes through them.
+        Chat completions, the hot path, skip Starlette's router and middleware;
+        every other path goes through them. (`App` serves chat completions without
+        ASGI at all: see `services.gateway.server`.)
         """
         return ChatFastPath(self.chat, self._router())
 
