@@ -77,7 +77,11 @@ class UpstreamClient:
     def _target(self, variant: Variant) -> tuple[Endpoint, bytes]:
         target = self._targets.get(variant.base_url)
         if target is None:
-            endpoint = Endpoint.of(variant.base_url.rstrip("/") + "/chat/completions")
+            url = variant.base_url.rstrip("/") + "/chat/completions"
+            try:
+                endpoint = Endpoint.of(url)
+            except ValueError as error:
+                raise ConnectError(f"not a usable upstream URL: {url!r}") from error
             head = (
                 b"content-type: application/json\r\naccept: application/json\r\n"
                 b"accept-encoding: identity\r\n"

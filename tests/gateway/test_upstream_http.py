@@ -250,3 +250,15 @@ async def test_a_streamed_body_larger_than_the_buffer_arrives_whole(
 
     assert received == b"".join(pieces)
     assert server.connections == 1
+
+
+def test_endpoint_head_names_the_host_as_http_wants_it():
+    assert Endpoint.of("https://api.example.org/v1/chat/completions").head == (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: api.example.org\r\n"
+    )
+    v6 = Endpoint.of("http://[::1]:8001/v1/chat/completions?x=1")
+    assert (v6.host, v6.port, v6.tls) == ("::1", 8001, False)
+    assert v6.head.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+    assert b"host: [::1]:8001\r\n" in v6.head
+    with pytest.raises(ValueError, match="not an http"):
+        Endpoint.of("ftp://example.org/v1")
