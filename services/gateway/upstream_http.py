@@ -391,7 +391,9 @@ class HttpClient:
         read_timeout_s: float,
         max_connections: int,
         keepalive_s: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls_context`: for https upstreams; default: the system's CAs, verified."""
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._max_connections = max_connections
@@ -399,7 +401,7 @@ class HttpClient:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls_context
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from services.gateway.upstream_http import (
     BodyBrokenError,
@@ -262,3 +270,65 @@ def test_endpoint_head_names_the_host_as_http_wants_it():
     assert b"host: [::1]:8001\r\n" in v6.head
     with pytest.raises(ValueError, match="not an http"):
         Endpoint.of("ftp://example.org/v1")
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flywheel-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_https_upstream_is_verified_and_served(tmp_path: Path):
+    cert_file, key_file = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert_file, key_file)
+    answers = ScriptedServer(lambda n: (json_answer(b'{"tls":true}'), False))
+    answers._server = await asyncio.start_server(
+        answers._serve, "127.0.0.1", 0, ssl=server_tls
+    )
+    port = answers._server.sockets[0].getsockname()[1]
+    endpoint = Endpoint.of(f"https://127.0.0.1:{port}/v1/chat/completions")
+
+    trusting = ssl.create_default_context(cafile=str(cert_file))
+    http = HttpClient(
+        connect_timeout_s=2.0,
+        read_timeout_s=2.0,
+        max_connections=2,
+        tls_context=trusting,
+    )
+    body = await (await http.post(endpoint, HEAD, b"{}")).read(1 << 20)
+    await http.close()
+    # Without the certificate's issuer among the trusted: refused.
+    strict = HttpClient(connect_timeout_s=2.0, read_timeout_s=2.0, max_connections=2)
+    with pytest.raises(ConnectError):
+        await strict.post(endpoint, HEAD, b"{}")
+    await answers.stop()
+
+    assert body == b'{"tls":true}'
