@@ -8,6 +8,7 @@ import gc
 import logging
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 from aiokafka import AIOKafkaProducer
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 # How long the requests the server cancelled at shutdown get to record themselves.
 SETTLE_TIMEOUT_S = 2.0
+
+
+def _path_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class _Server(uvicorn.Server):
@@ -160,7 +165,8 @@ class App:
         sock.setblocking(False)
         self.port = int(sock.getsockname()[1])
         self.listening.set()
-        logger.info("gateway listening host=%s port=%d", host, self.port)
+        tls = self.settings.tls_cert_file is not None
+        logger.info("gateway listening host=%s port=%d tls=%s", host, self.port, tls)
         return sock
 
     async def _serve(self, sock: socket.socket) -> None:
@@ -175,6 +181,9 @@ class App:
             # ASGI (services/gateway/server.py).
             http=GatewayProtocol,
             timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
+            # TLS when configured (both files or neither: the settings check it).
+            ssl_certfile=_path_or_none(self.settings.tls_cert_file),
+            ssl_keyfile=_path_or_none(self.settings.tls_key_file),
         )
         server = _Server(config)
         serving = asyncio.create_task(server.serve(sockets=[sock]))

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import (
@@ -49,6 +49,11 @@ class GatewaySettings(ServiceSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # TLS for the clients' connections: a PEM certificate (with its chain) and its
+    # key, both or neither. Neither serves plain HTTP (behind an ingress or a mesh
+    # that terminates TLS, or on loopback).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     control: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
 
@@ -117,6 +122,15 @@ class GatewaySettings(ServiceSettings):
     flush_timeout_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=30.0, gt=0)
     graceful_shutdown_s: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> GatewaySettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "set both FLYWHEEL_GATEWAY_TLS_CERT_FILE and "
+                "FLYWHEEL_GATEWAY_TLS_KEY_FILE, or neither (plain HTTP)"
+            )
+        return self
 
     @field_validator("api_keys")
     @classmethod

@@ -63,6 +63,13 @@ def test_plain_text_api_keys_are_refused_at_start():
         make_settings(api_keys={"fw-dev-key": "default"})
 
 
+def test_tls_needs_both_the_certificate_and_its_key():
+    with pytest.raises(ValueError, match="TLS_KEY_FILE"):
+        make_settings(tls_cert_file="/etc/flywheel/tls.crt")
+    with pytest.raises(ValueError, match="TLS_CERT_FILE"):
+        make_settings(tls_key_file="/etc/flywheel/tls.key")
+
+
 async def test_unknown_route_is_model_not_found(client: httpx.AsyncClient):
     response = await client.post(
         "/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=AUTH

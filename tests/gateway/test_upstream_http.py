@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import gzip
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from services.gateway.upstream_http import (
     BodyBrokenError,
@@ -25,6 +19,7 @@ from services.gateway.upstream_http import (
     ReadTimeoutError,
     TooLargeError,
 )
+from tests.certificates import self_signed
 
 HEAD = b"content-type: application/json\r\n"
 OK_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -272,41 +267,8 @@ def test_endpoint_head_names_the_host_as_http_wants_it():
         Endpoint.of("ftp://example.org/v1")
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flywheel-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 async def test_https_upstream_is_verified_and_served(tmp_path: Path):
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = self_signed(tmp_path)
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert_file, key_file)
     answers = ScriptedServer(lambda n: (json_answer(b'{"tls":true}'), False))

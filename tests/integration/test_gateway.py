@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ from services.common.settings import KafkaSettings
 from services.gateway.app import App
 from services.gateway.handlers import pseudonymize
 from services.gateway.tables import StaticTableSource
+from tests.certificates import self_signed
 from tests.conftest import wait_until
 from tests.gateway.conftest import DEV_KEY, make_settings, make_table
 from tests.gateway.upstream_stub import UpstreamStub
@@ -165,3 +168,49 @@ async def test_health_is_ok_once_serving(served: App):
     assert response.json()["routing_version"] == 3
     assert ready.status_code == 200 and ready.json()["problems"] == []
     assert live.status_code == 200 and live.json()["status"] == "ok"
+
+
+async def test_tls_serves_chat_completions_streams_and_other_paths(
+    upstream: UpstreamStub, kafka_settings: KafkaSettings, tmp_path: Path
+):
+    cert_file, key_file = self_signed(tmp_path)
+    app = App(
+        make_settings(
+            kafka=kafka_settings, tls_cert_file=cert_file, tls_key_file=key_file
+        ),
+        tables=StaticTableSource(make_table(upstream.base_url)),
+    )
+    running = asyncio.create_task(app.run())
+    await asyncio.wait_for(app.listening.wait(), 30)
+    try:
+        trusting = ssl.create_default_context(cafile=str(cert_file))
+        async with httpx.AsyncClient(verify=trusting, trust_env=False) as http:
+            client = AsyncOpenAI(
+                base_url=f"https://127.0.0.1:{app.port}/v1",
+                api_key=DEV_KEY,
+                http_client=http,
+            )
+            completion = await client.chat.completions.create(
+                model="support-bot", messages=[{"role": "user", "content": "hi"}]
+            )
+            stream = await client.chat.completions.create(
+                model="support-bot",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+            )
+            chunks = [chunk async for chunk in stream]
+            models = await client.models.list()
+        # Plain HTTP to the TLS port gets no answer; a client that does not trust
+        # the certificate refuses it.
+        async with httpx.AsyncClient(trust_env=False) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get(f"http://127.0.0.1:{app.port}/healthz")
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await plain.get(f"https://127.0.0.1:{app.port}/healthz")
+    finally:
+        app.stop()
+        await asyncio.wait_for(running, 30)
+
+    assert completion.choices[0].message.content
+    assert chunks and chunks[0].id == chunks[-1].id
+    assert "support-bot" in [model.id for model in models.data]
