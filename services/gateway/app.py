@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,7 +181,8 @@ class App:
             # uvicorn's httptools protocol with chat completions served without
             # ASGI (services/gateway/server.py).
             http=GatewayProtocol,
-            timeout_graceful_shutdown=int(self.settings.graceful_shutdown_s),
+            # Whole seconds (uvicorn's type): rounded up, never to no grace at all.
+            timeout_graceful_shutdown=math.ceil(self.settings.graceful_shutdown_s),
             # TLS when configured (both files or neither: the settings check it).
             ssl_certfile=_path_or_none(self.settings.tls_cert_file),
             ssl_keyfile=_path_or_none(self.settings.tls_key_file),
@@ -192,6 +194,8 @@ class App:
             await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
+            # Calls the graceful shutdown cuts are the gateway's doing, not a client's.
+            self.api.chat.stopping = True
             server.should_exit = True
             await serving
             sock.close()

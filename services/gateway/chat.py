@@ -285,6 +285,9 @@ class ChatEndpoint:
         self._open: dict[str, _Call] = {}
         self._none_open = asyncio.Event()
         self._none_open.set()
+        # Set when the server stops taking requests: a stream cut from then on is
+        # recorded as cut by the gateway, not as a client that left.
+        self.stopping = False
 
     async def settle(self, timeout_s: float) -> int:
         """Record every call still open once the server stopped; how many were cut.
@@ -440,10 +443,18 @@ class ChatEndpoint:
             call.fail(error)
             yield b"data: " + orjson.dumps(error.to_body()) + b"\n\n"
         except BaseException:
-            # The client went away mid-stream (cancellation): recorded as such by
-            # `sent`, which the server calls however sending ended.
-            call.outcome.error = ErrorInfo(
-                type="client_disconnected", message="the client left mid-stream"
+            # Cancelled mid-stream: the client went away, or the server's graceful
+            # shutdown ran out. Recorded as such by `sent`, which the server calls
+            # however sending ended.
+            call.outcome.error = (
+                ErrorInfo(
+                    type="gateway_shutdown",
+                    message="the gateway stopped before the answer was complete",
+                )
+                if self.stopping
+                else ErrorInfo(
+                    type="client_disconnected", message="the client left mid-stream"
+                )
             )
             raise
         finally:

@@ -42,6 +42,9 @@ _STREAM_HEAD = (
 )
 _LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Chat requests parsed ahead of the one answering before reading pauses (each holds
+# at most its body, up to the gateway's max_body_bytes).
+PIPELINE_READ_AHEAD = 4
 
 
 class _ChatExchange:
@@ -150,16 +153,19 @@ class _ChatExchange:
     # The request's task.
     def start(self, chat: ChatEndpoint) -> None:
         protocol = self._protocol
+        protocol.running = self
         self._task = task = protocol.loop.create_task(self._run(chat))
         task.add_done_callback(protocol.tasks.discard)
         protocol.tasks.add(task)
 
     def lost(self) -> None:
         """The connection closed before the reply was complete."""
+        self.disconnected = True
         self._wake()
-        if self._streaming and self._task is not None:
-            # Ends the relay where it waits for the upstream: recorded at once as
-            # a client that left mid-stream, the upstream answer closed.
+        if self._task is not None:
+            # Nobody is left to answer: the call is cancelled where it waits (for
+            # the upstream's answer, or mid-relay) and recorded at once as such
+            # (`cancelled`, or a client that left mid-stream), the upstream closed.
             self._task.cancel()
 
     async def _run(self, chat: ChatEndpoint) -> None:
@@ -175,6 +181,8 @@ class _ChatExchange:
                 chat.sent(reply.interaction_id)
         finally:
             self._task = None  # the task refers to this exchange: no cycle left
+            if self._protocol.running is self:
+                self._protocol.running = None
 
     def _head(self, reply: ChatReply) -> list[bytes]:
         head = [STATUS_LINE[reply.status]]
@@ -190,6 +198,10 @@ class _ChatExchange:
     def _write_whole(self, reply: ChatReply) -> None:
         if self.disconnected:
             return
+        if not self._body_done:
+            # Answered before the body was all read (too large, refused at the
+            # door): the rest of it would be read as the next request.
+            self.keep_alive = False
         head = self._head(reply)
         head += (_JSON_HEAD, b"%d\r\n\r\n" % len(reply.body), reply.body)
         self._protocol.transport.write(b"".join(head))
@@ -263,6 +275,18 @@ class GatewayProtocol(HttpToolsProtocol):
             self._chat.gatekeeper.max_body_bytes if self._chat is not None else 0
         )
         self._exchange: _ChatExchange | None = None
+        # The chat exchange whose task runs (a pipelined one may be `cycle`).
+        self.running: _ChatExchange | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn marks only `cycle` (the newest request); the one answering may
+        # be an earlier chat exchange, and nothing pipelined may start any more.
+        waiting = [cycle for cycle, _ in self.pipeline]
+        self.pipeline.clear()
+        for exchange in (self.running, *waiting):
+            if isinstance(exchange, _ChatExchange) and not exchange.response_complete:
+                exchange.lost()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         self._exchange = None
@@ -297,11 +321,18 @@ class GatewayProtocol(HttpToolsProtocol):
             exchange.start(self._chat)
         else:
             # Pipelined behind a request still answering: it starts after that one.
-            self.flow.pause_reading()
+            # Reading goes on for a few more (a client that leaves is seen at once
+            # only while reading: then nothing of it runs any more).
             self.pipeline.appendleft((exchange, None))  # type: ignore[arg-type]
+            if len(self.pipeline) >= PIPELINE_READ_AHEAD:
+                self.flow.pause_reading()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if isinstance(cycle, _ChatExchange):
+            # A pipelined chat call, its turn come.
+            if cycle.disconnected or self.transport.is_closing():
+                cycle.lost()
+                return
             assert self._chat is not None
             cycle.start(self._chat)
             return

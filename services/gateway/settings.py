@@ -7,7 +7,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    FilePath,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import (
@@ -52,8 +59,8 @@ class GatewaySettings(ServiceSettings):
     # TLS for the clients' connections: a PEM certificate (with its chain) and its
     # key, both or neither. Neither serves plain HTTP (behind an ingress or a mesh
     # that terminates TLS, or on loopback).
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_cert_file: FilePath | None = None
+    tls_key_file: FilePath | None = None
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     control: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
 

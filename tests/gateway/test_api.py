@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from services.gateway.handlers import pseudonymize
 from services.gateway.metrics import REGISTRY
 from services.gateway.settings import hash_api_key
 from services.gateway.tables import StaticTableSource
+from tests.certificates import self_signed
 from tests.gateway.conftest import AUTH, make_settings, make_table, queued
 from tests.gateway.upstream_stub import UpstreamStub
 
@@ -63,11 +65,14 @@ def test_plain_text_api_keys_are_refused_at_start():
         make_settings(api_keys={"fw-dev-key": "default"})
 
 
-def test_tls_needs_both_the_certificate_and_its_key():
+def test_tls_needs_both_the_certificate_and_its_key(tmp_path: Path):
+    cert_file, key_file = self_signed(tmp_path)
     with pytest.raises(ValueError, match="TLS_KEY_FILE"):
-        make_settings(tls_cert_file="/etc/flywheel/tls.crt")
+        make_settings(tls_cert_file=cert_file)
     with pytest.raises(ValueError, match="TLS_CERT_FILE"):
-        make_settings(tls_key_file="/etc/flywheel/tls.key")
+        make_settings(tls_key_file=key_file)
+    with pytest.raises(ValueError, match="tls_cert_file"):
+        make_settings(tls_cert_file=tmp_path / "missing.pem", tls_key_file=key_file)
 
 
 async def test_unknown_route_is_model_not_found(client: httpx.AsyncClient):

@@ -255,6 +255,13 @@ async def test_a_body_past_the_limit_is_refused_before_it_is_all_sent(
         )
         streamed = await raw_exchange(served.port, chunked)
 
+        # Refused before the body was sent (Expect: 100-continue, say): the
+        # connection closes, or the body would be read as the next request.
+        expecting = raw_chat(big, extra=b"expect: 100-continue\r\n")
+        early = await raw_exchange(served.port, expecting[: -len(payload)])
+
+    assert early.startswith(b"HTTP/1.1 413 ")
+    assert b"connection: close\r\n" in early.partition(b"\r\n\r\n")[0]
     for answer in (declared, streamed):
         assert answer.startswith(b"HTTP/1.1 413 ")
         body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
@@ -297,6 +304,60 @@ async def test_pipelined_requests_are_answered_in_order(served: Served):
         "You said: first",
         "You said: third",
     ]
+
+
+def prompts_sent(upstream: UpstreamStub) -> list[str]:
+    return [request["body"]["messages"][-1]["content"] for request in upstream.requests]
+
+
+async def test_client_that_leaves_cancels_its_call_at_once(
+    served: Served, upstream: UpstreamStub
+):
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(raw_chat(chat_body("hang")))
+    await wait_until(lambda: served.app.api.chat._open, timeout_s=10)
+    writer.close()
+
+    # Recorded at once as cancelled, while the upstream still holds its answer.
+    [event] = await wait_until(lambda: interactions(served.app), timeout_s=3)
+
+    assert event.error is not None and event.error.type == "cancelled"
+    assert not upstream.release_hang.is_set()
+
+
+async def test_call_pipelined_behind_a_client_that_left_never_runs(
+    served: Served, upstream: UpstreamStub
+):
+    sent_before = len(upstream.requests)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    writer.write(raw_chat(chat_body("hang")) + raw_chat(chat_body("behind")))
+    await wait_until(lambda: served.app.api.chat._open, timeout_s=10)
+    writer.close()
+    await asyncio.sleep(0.2)
+    upstream.release_hang.set()  # the first call ends; the one behind has no client
+
+    await wait_until(lambda: interactions(served.app), timeout_s=10)
+    await asyncio.sleep(0.3)  # time for a wrongly started pipelined call to show
+
+    assert "behind" not in prompts_sent(upstream)[sent_before:]
+    assert len(interactions(served.app)) == 1
+
+
+async def test_stream_cut_by_the_shutdown_is_recorded_as_the_gateway_s(
+    upstream: UpstreamStub,
+):
+    async with serve(upstream) as served:
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(raw_chat(chat_body("slow-stream", stream=True)))
+        await asyncio.wait_for(reader.readuntil(b"You"), 10)
+        # As App does when it stops serving; the grace (1 s) then runs out.
+        served.app.api.chat.stopping = True
+        served.server.should_exit = True
+        [event] = await wait_until(lambda: interactions(served.app), timeout_s=10)
+        writer.close()
+
+    assert event.error is not None and event.error.type == "gateway_shutdown"
+    assert event.response_text == "You"
 
 
 async def test_http_1_0_connection_is_closed_after_the_answer(served: Served):
