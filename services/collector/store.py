@@ -196,7 +196,8 @@ class EventStore:
         savepoint is rolled back and the batch takes the keyed path instead, which
         stores the first of each event and counts the rest as duplicates.
 
-        Raises StoreUnavailableError (retry later) or RowRefusedError (split it).
+        Raises StoreUnavailableError (retry later), RowRefusedError (split it) or
+        StoreMisconfiguredError (a bug: stop).
         """
         try:
             connection = await self._pool.acquire()
