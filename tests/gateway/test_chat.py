@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import httpx
 import orjson
-import uvicorn
 
-from services.common.embedded import free_port
 from services.common.events import Interaction
 from services.common.routing import bucket_of
 from services.gateway.app import App
@@ -17,6 +12,7 @@ from services.gateway.handlers import pseudonymize
 from services.gateway.tables import StaticTableSource
 from tests.conftest import wait_until
 from tests.gateway.conftest import AUTH, make_settings, make_table, queued
+from tests.gateway.test_server import serve
 from tests.gateway.upstream_stub import UpstreamStub
 
 PII_PROMPT = "I am ana@example.org, call me on +44 20 7946 0958"
@@ -227,21 +223,11 @@ def _data_chunks(text: str) -> list[dict[str, object]]:
 
 
 async def test_client_leaving_mid_stream_is_recorded_once(upstream: UpstreamStub):
-    app = App(make_settings(), tables=StaticTableSource(make_table(upstream.base_url)))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app.asgi,
-            host="127.0.0.1",
-            port=free_port(),
-            lifespan="off",
-            log_config=None,
-        )
-    )
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-    serving = asyncio.create_task(server.serve())
-    await wait_until(lambda: server.started)
-    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
-    try:
+    # Over ASGI (uvicorn's own protocol); tests/gateway/test_server.py has the
+    # gateway's protocol.
+    async with serve(upstream, http="httptools") as served:
+        app = served.app
+        url = f"{served.url}/v1/chat/completions"
         async with httpx.AsyncClient(trust_env=False) as http:
             body = chat_body("slow-stream", stream=True)
             async with http.stream("POST", url, json=body, headers=AUTH) as response:
@@ -249,12 +235,6 @@ async def test_client_leaving_mid_stream_is_recorded_once(upstream: UpstreamStub
                     if '"You' in line:
                         break
         await wait_until(lambda: interactions(app), timeout_s=10)
-    finally:
-        upstream.release_hang.set()
-        server.should_exit = True
-        await serving
-        await app.close()
-        upstream.release_hang.clear()
 
     [event] = interactions(app)
     assert event.error is not None and event.error.type == "client_disconnected"

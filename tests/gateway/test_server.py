@@ -54,7 +54,10 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(upstream: UpstreamStub, **settings: Any) -> AsyncIterator[Served]:
+async def serve(
+    upstream: UpstreamStub, *, http: Any = GatewayProtocol, **settings: Any
+) -> AsyncIterator[Served]:
+    """Serve an App; `http="httptools"` is uvicorn's own protocol (chat over ASGI)."""
     app = App(
         make_settings(**settings),
         tables=StaticTableSource(make_table(upstream.base_url)),
@@ -66,7 +69,7 @@ async def serve(upstream: UpstreamStub, **settings: Any) -> AsyncIterator[Served
         lifespan="off",
         log_config=None,
         proxy_headers=False,  # as App serves it: the app is not wrapped
-        http=GatewayProtocol,
+        http=http,
         timeout_graceful_shutdown=1,
     )
     config.load()
