@@ -29,7 +29,7 @@ from pathlib import Path
 
 import asyncpg
 
-from services.collector.app import App
+from services.collector.app import YOUNG_GC_THRESHOLD, App
 from services.collector.handlers import (
     FEEDBACK_COLUMNS,
     INTERACTION_COLUMNS,
@@ -224,6 +224,9 @@ async def run(pairs: int, rounds: int, data_dir: Path) -> dict[str, list[float]]
         )
         interactions, feedback = make_events(pairs)
         await produce(kafka_settings, interactions, feedback)
+        # Every measure runs under the collector's garbage collector settings (its
+        # App sets them process-wide when it starts, so later rounds would anyway).
+        lifecycle.settle_heap(young_threshold=YOUNG_GC_THRESHOLD)
         total = 2 * pairs
         seconds: dict[str, list[float]] = {"consume": [], "copy": [], "collector": []}
         for round_no in range(rounds):

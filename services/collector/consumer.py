@@ -35,6 +35,7 @@ from services.collector.handlers import (
     interaction_row,
     parse_record,
 )
+from services.collector.ordering import WriteTurn
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.settings import CollectorSettings
 from services.collector.store import EventStore, RowRefusedError
@@ -51,8 +52,8 @@ T = TypeVar("T")
 # Records validated between two turns of the event loop (well under a millisecond):
 # the batch being stored waits at most that long for each of its round trips.
 PREPARE_CHUNK = 50
-# Batches between validation and their committed offsets: one being written and
-# committed, the next validated and waiting for it.
+# Batches between validation and their committed offsets: one committing while the
+# next writes its rows (services/collector/ordering.py), a third validated meanwhile.
 MAX_BATCHES_IN_STORE = 2
 
 
@@ -135,13 +136,12 @@ class EventConsumer:
         """Process batches until `stop` is set; the batches in hand are finished first.
 
         Batches overlap: the newest is fetched and validated (CPU, here) while the
-        one before it is written and committed (mostly PostgreSQL's CPU), and a
-        third may wait its turn. A batch writes its rows only after the batch
-        before it finished (rows, dead letters and offsets), so keys are claimed
-        in Kafka order and offsets still move in order and only past stored rows,
-        as if one batch were processed at a time.
+        one before it writes its rows and the one before that commits. Keys are
+        still claimed and rows committed in Kafka order (a WriteTurn per batch),
+        and offsets move in order and only past stored rows, as if one batch
+        were processed at a time.
         """
-        in_flight: deque[asyncio.Task[None]] = deque()
+        in_flight: deque[tuple[asyncio.Task[None], WriteTurn]] = deque()
         try:
             while not stop.is_set():
                 self.heartbeat.beat()
@@ -153,29 +153,32 @@ class EventConsumer:
                 if batch:
                     prepared = await self._prepare_interleaved(batch)
                     while len(in_flight) >= MAX_BATCHES_IN_STORE:
-                        await in_flight.popleft()
-                    previous = in_flight[-1] if in_flight else None
-                    in_flight.append(
-                        asyncio.create_task(self.finish_batch(prepared, stop, previous))
+                        await in_flight.popleft()[0]
+                    previous, before = in_flight[-1] if in_flight else (None, None)
+                    turn = WriteTurn(before)
+                    task = asyncio.create_task(
+                        self.finish_batch(prepared, stop, previous, turn)
                     )
+                    in_flight.append((task, turn))
                     # One turn for the new task to send its first statement before
                     # the next fetch and validation take the loop.
                     await asyncio.sleep(0)
                 else:
                     while in_flight:
-                        await in_flight.popleft()
+                        await in_flight.popleft()[0]
                 await self._update_lag()
             while in_flight:
-                await in_flight.popleft()
+                await in_flight.popleft()[0]
         except BatchAbandonedError:
             logger.warning("batch abandoned uncommitted at stop; it will replay")
         finally:
             # Cancelled from outside (a crash, in effect), or a batch failed: nothing
             # more is committed, and the uncommitted batches replay on restart.
-            for task in in_flight:
+            for task, _ in in_flight:
                 task.cancel()
             # Their outcome is not this loop's any more: it ends with its own.
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            tasks = [task for task, _ in in_flight]
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def process_batch(self, batch: Batch, stop: asyncio.Event) -> None:
         """Validate, store, dead-letter and commit one batch, in that order."""
@@ -215,24 +218,35 @@ class EventConsumer:
         prepared: Prepared,
         stop: asyncio.Event,
         previous: asyncio.Task[None] | None = None,
+        turn: WriteTurn | None = None,
     ) -> None:
         """Store, dead-letter and commit a prepared batch, in that order.
 
-        With `previous` (the batch before, still in hand), the rows are written
-        only after `previous` finished.
+        With `previous` (the batch before, still in hand) and its place in the
+        write order `turn`, the rows are written in that order and the offsets
+        committed only after `previous` finished.
         """
         sorted_batch = prepared.sorted_batch
-
-        # 1. Store the events; rows PostgreSQL itself refuses join the rejections.
-        refused = await self._retry(
-            lambda: self._store_events(sorted_batch.accepted, previous), stop
-        )
+        turn = turn or WriteTurn()
+        try:
+            # 1. Store the events; rows PostgreSQL itself refuses join the rejections.
+            refused = await self._retry(
+                lambda: self._store_events(sorted_batch.accepted, turn), stop
+            )
+        finally:
+            # Uncommitted (a failure, stop or cancellation): the batch after it
+            # must not commit either. Nothing when the rows are committed.
+            turn.abandon()
 
         # 2. Dead letters acknowledged before the offsets move past them.
         rejected = sorted_batch.rejected + refused
         await self._retry(lambda: self._publish_dead_letters(rejected), stop)
 
-        # 3. Commit the next offset of every partition in the batch.
+        # 3. Commit the next offset of every partition in the batch, after the
+        # batch before committed its own. Its failure (or stop) ends this batch
+        # too; shielded: this batch being cancelled must not cancel that one.
+        if previous is not None:
+            await asyncio.shield(previous)
         await self._retry(lambda: self._commit(prepared.batch), stop)
         self.totals.update(batches=1, consumed=prepared.size)
         metrics.BATCH_SIZE.observe(prepared.size)
@@ -260,41 +274,38 @@ class EventConsumer:
         return Sorted(accepted, rejected)
 
     async def _store_events(
-        self,
-        accepted: list[tuple[Record, EventKind, Row]],
-        previous: asyncio.Task[None] | None,
+        self, accepted: list[tuple[Record, EventKind, Row]], turn: WriteTurn
     ) -> list[tuple[Record, Rejection]]:
         try:
-            await self._insert([(kind, row) for _, kind, row in accepted], previous)
+            await self._insert([(kind, row) for _, kind, row in accepted], turn)
             return []
         except RowRefusedError as error:
             logger.warning("batch refused by PostgreSQL, storing one by one: %s", error)
 
         # NOTE: one transaction per event only on this rare path, to find the rows
         # PostgreSQL refuses; the others are stored and the refused dead-lettered.
+        # They start after the batch before committed and count as this batch's
+        # claim when all are done.
+        await turn.may_claim()
+        await turn.may_commit()
         refused: list[tuple[Record, Rejection]] = []
         for record, kind, row in accepted:
             try:
-                await self._insert([(kind, row)], previous)
+                await self._insert([(kind, row)])
             except RowRefusedError as error:
                 rejection = Rejection(RejectReason.STORAGE_REJECTED, str(error))
                 refused.append((record, rejection))
+        turn.claimed()
+        turn.committed()
         return refused
 
     async def _insert(
-        self,
-        items: Sequence[tuple[EventKind, Row]],
-        previous: asyncio.Task[None] | None = None,
+        self, items: Sequence[tuple[EventKind, Row]], turn: WriteTurn | None = None
     ) -> None:
         interactions = [row for kind, row in items if kind is EventKind.INTERACTION]
         feedback = [row for kind, row in items if kind is EventKind.FEEDBACK]
-        if previous is not None:
-            # Keys are claimed in Kafka order: after the batch before committed. Its
-            # failure (or stop) ends this batch too. Shielded: this batch being
-            # cancelled must not cancel the one before it.
-            await asyncio.shield(previous)
         stored_interactions, stored_feedback = await self._store.insert_batch(
-            interactions, feedback
+            interactions, feedback, turn
         )
         for kind, seen, stored in (
             (EventKind.INTERACTION, len(interactions), stored_interactions),

@@ -26,6 +26,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 from services.collector import metrics
 from services.collector.errors import CollectorError, StoreUnavailableError
 from services.collector.handlers import FEEDBACK_COLUMNS, INTERACTION_COLUMNS
+from services.collector.ordering import WriteTurn
 
 logger = logging.getLogger(__name__)
 
@@ -187,34 +188,56 @@ class EventStore:
         self,
         interaction_rows: Sequence[tuple[Any, ...]],
         feedback_rows: Sequence[tuple[Any, ...]],
+        turn: WriteTurn | None = None,
     ) -> tuple[int, int]:
         """Insert both row sets atomically; return how many of each were new.
 
         The common batch repeats nothing: its keys and rows are COPYed straight into
-        their tables, inside a savepoint. When a key is already taken (a replay
-        after a crash, a producer's retry, two collectors during a rebalance), the
-        savepoint is rolled back and the batch takes the keyed path instead, which
-        stores the first of each event and counts the rest as duplicates.
+        their tables. When a key is already taken (a replay after a crash, a
+        producer's retry, two collectors during a rebalance), that transaction is
+        rolled back and the batch takes the keyed path instead, which stores the
+        first of each event and counts the rest as duplicates.
 
-        Raises StoreUnavailableError (retry later), RowRefusedError (split it) or
-        StoreMisconfiguredError (a bug: stop).
+        With a `turn`, the batch claims its keys and commits in its place in the
+        write order (services/collector/ordering.py), so it may overlap the batch
+        before it.
+
+        Raises StoreUnavailableError (retry later), RowRefusedError (split it),
+        StoreMisconfiguredError (a bug: stop) or EarlierBatchAbandonedError.
         """
+        turn = turn or WriteTurn()
         try:
-            connection = await self._pool.acquire()
-        except Exception as error:
-            raise _wrap(error) from error
-        try:
-            async with connection.transaction():
+            await turn.may_claim()
+            connection = await self._acquire()
+            try:
                 if await _copy_when_all_new(
-                    connection, interaction_rows, feedback_rows
+                    connection, interaction_rows, feedback_rows, turn
                 ):
+                    turn.committed()
                     return len(interaction_rows), len(feedback_rows)
                 metrics.REPEAT_BATCHES.inc()
-                return await _insert_keyed(connection, interaction_rows, feedback_rows)
+                # Keys the batches before hold must be settled first.
+                await turn.may_commit()
+                async with connection.transaction():
+                    stored = await _insert_keyed(
+                        connection, interaction_rows, feedback_rows
+                    )
+                    turn.claimed()
+                turn.committed()
+                return stored
+            finally:
+                await self._pool.release(connection)
+        except BaseException as error:
+            turn.attempt_failed()
+            if isinstance(error, Exception):
+                raise _wrap(error) from error
+            raise
+
+    async def _acquire(self) -> asyncpg.Connection:
+        try:
+            return await self._pool.acquire()
         except Exception as error:
             raise _wrap(error) from error
-        finally:
-            await self._pool.release(connection)
 
     async def ensure_partitions(self, days_ahead: int) -> int:
         """Create the day partitions from today to `days_ahead`; how many were new."""
@@ -248,8 +271,9 @@ async def _copy_when_all_new(
     connection: asyncpg.Connection,
     interaction_rows: Sequence[tuple[Any, ...]],
     feedback_rows: Sequence[tuple[Any, ...]],
+    turn: WriteTurn,
 ) -> bool:
-    """COPY the keys, then the rows, inside a savepoint; False when a key was taken.
+    """COPY the keys, then the rows, and commit; False (rolled back) if a key was taken.
 
     A key another open transaction holds makes its COPY wait for that transaction,
     as an insert would: taken if it commits, free if it rolls back.
@@ -263,10 +287,12 @@ async def _copy_when_all_new(
             await _copy(
                 connection, "interaction_keys", ("interaction_id",), interaction_keys
             )
+            turn.claimed()
             await _copy(
                 connection, INTERACTIONS.table, INTERACTIONS.columns, interaction_rows
             )
             await _copy(connection, FEEDBACK.table, FEEDBACK.columns, feedback_rows)
+            await turn.may_commit()
     except asyncpg.UniqueViolationError:
         return False
     return True

@@ -31,13 +31,20 @@ JsonbAs = Literal["objects", "text"]
 
 
 async def create_pool(
-    settings: PostgresSettings, *, jsonb_as: JsonbAs = "objects"
+    settings: PostgresSettings,
+    *,
+    jsonb_as: JsonbAs = "objects",
+    reset_sessions: bool = True,
 ) -> asyncpg.Pool:
     """A pool whose connections see only the configured schema (search_path).
 
     jsonb values are Python objects (encoded with orjson), or with
     `jsonb_as="text"` JSON text passed through unparsed (asyncpg's own codec, which
     COPY's binary format can use too).
+
+    A released connection's session is reset (settings, listeners, advisory
+    locks: one round trip) unless `reset_sessions` is False, for a service whose
+    code changes none of them; an open transaction is rolled back either way.
     """
     pool = await asyncpg.create_pool(
         settings.dsn.get_secret_value(),
@@ -46,9 +53,14 @@ async def create_pool(
         command_timeout=settings.command_timeout_s,
         server_settings={"search_path": settings.db_schema},
         init=_init_connection if jsonb_as == "objects" else None,
+        reset=None if reset_sessions else _keep_session,
     )
     assert pool is not None  # create_pool returns None only when awaited lazily
     return pool
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """A pool's reset that leaves the session as it is (see create_pool)."""
 
 
 def _migration_files() -> list[tuple[str, str]]:

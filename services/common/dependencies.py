@@ -35,10 +35,15 @@ class PostgresLink:
     """The service's pool once connected, and why not while it is not."""
 
     def __init__(
-        self, settings: PostgresSettings, *, jsonb_as: db.JsonbAs = "objects"
+        self,
+        settings: PostgresSettings,
+        *,
+        jsonb_as: db.JsonbAs = "objects",
+        reset_sessions: bool = True,
     ) -> None:
         self.settings = settings
         self.jsonb_as = jsonb_as
+        self.reset_sessions = reset_sessions
         self.pool: asyncpg.Pool | None = None
         self.last_error: str | None = None
 
@@ -62,7 +67,11 @@ class PostgresLink:
             try:
                 if migrate:
                     await db.migrate(self.settings)
-                self.pool = await db.create_pool(self.settings, jsonb_as=self.jsonb_as)
+                self.pool = await db.create_pool(
+                    self.settings,
+                    jsonb_as=self.jsonb_as,
+                    reset_sessions=self.reset_sessions,
+                )
                 self.last_error = None
                 return self.pool
             except UNREACHABLE as error:

@@ -1,9 +1,10 @@
-"""The store's two write paths and the intake's ordering of batches, on real parts.
+"""The store's two write paths and the order of overlapping batches, on real parts.
 
 A batch that repeats nothing is COPYed straight into the key tables and the event
-tables inside a savepoint; one that repeats a stored event (or one of its own) rolls
-the savepoint back and takes the keyed path: staged, then claimed, keys first. A batch
-writes only after the batch before it finished.
+tables; one that repeats a stored event (or one of its own) is rolled back and takes
+the keyed path: staged, then claimed, keys first. A batch writes its keys only after
+the batch before it wrote its own, and commits only after that batch committed
+(services/collector/ordering.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from services.collector import metrics
 from services.collector.consumer import Batch, EventConsumer
+from services.collector.errors import StoreUnavailableError
 from services.collector.handlers import feedback_row, interaction_row
+from services.collector.ordering import (
+    EarlierBatchAbandonedError,
+    TurnState,
+    WriteTurn,
+)
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.store import (
     EventStore,
@@ -155,11 +162,12 @@ async def test_key_held_by_an_open_transaction_waits_then_counts_as_a_duplicate(
     assert await event_id_counts(store_pool, "interactions") == {own.event_id: 1}
 
 
-async def copy_waits_on_a_lock(pool: asyncpg.Pool) -> bool:
-    """Whether a session's COPY into event_keys waits for another's lock."""
+async def copy_waits_on_a_lock(pool: asyncpg.Pool, table: str = "event_keys") -> bool:
+    """Whether a session's COPY into `table` waits for another's lock."""
     count = await pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        " AND query LIKE 'COPY%event_keys%'"
+        " AND query LIKE $1",
+        f"COPY%{table}%",
     )
     return bool(count)
 
@@ -225,7 +233,7 @@ async def fetch_one_by_one(consumer: AIOKafkaConsumer, count: int) -> list[Batch
     return batches
 
 
-async def test_next_batch_writes_only_after_the_batch_before_it_finished(
+async def test_next_batch_writes_no_key_before_the_batch_before_wrote_its_own(
     kafka_settings: KafkaSettings,
     pg_settings: PostgresSettings,
     pg_pool: asyncpg.Pool,
@@ -258,13 +266,17 @@ async def test_next_batch_writes_only_after_the_batch_before_it_finished(
         )
         batch_a, batch_b = await fetch_one_by_one(consumer, 2)
 
+        turn_a = WriteTurn()
+
         async def finish_first_when_let() -> None:
             await gate.wait()
-            await intake.finish_batch(intake.prepare_batch(batch_a), stop)
+            await intake.finish_batch(intake.prepare_batch(batch_a), stop, None, turn_a)
 
         task_a = asyncio.create_task(finish_first_when_let())
         task_b = asyncio.create_task(
-            intake.finish_batch(intake.prepare_batch(batch_b), stop, task_a)
+            intake.finish_batch(
+                intake.prepare_batch(batch_b), stop, task_a, WriteTurn(turn_a)
+            )
         )
         # The second batch may not write while the first waits (no positive signal
         # exists for "waiting on the batch before"; a wrong order writes at once).
@@ -281,3 +293,151 @@ async def test_next_batch_writes_only_after_the_batch_before_it_finished(
     assert (keys_while_first_waits, second_done_early) == (0, False)
     assert await event_id_counts(pg_pool, "interactions") == {first.event_id: 1}
     assert (intake.totals["stored"], intake.totals["duplicates"]) == (1, 1)
+
+
+class HeldTurn(WriteTurn):
+    """A batch's turn that waits at its commit until the test lets it go."""
+
+    def __init__(self, before: WriteTurn | None = None) -> None:
+        super().__init__(before)
+        self.release = asyncio.Event()
+        self.fail_once = False
+
+    async def may_commit(self) -> None:
+        await self.release.wait()
+        if self.fail_once:
+            self.fail_once = False
+            raise StoreUnavailableError("this attempt fails (the test)")
+        await super().may_commit()
+
+
+async def hold_at_commit(
+    store: EventStore, rows: list[tuple[object, ...]]
+) -> tuple[HeldTurn, asyncio.Task[tuple[int, int]]]:
+    """A batch that has written its keys and waits at its commit."""
+    turn = HeldTurn()
+    task = asyncio.create_task(store.insert_batch(rows, [], turn))
+    await wait_until(lambda: turn.state is TurnState.CLAIMED)
+    return turn, task
+
+
+async def test_next_batch_writes_while_the_one_before_commits_and_commits_after_it(
+    store_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(store_pool)
+    earlier, later = make_interaction(), make_interaction()
+    turn_a, task_a = await hold_at_commit(store, [interaction_row(earlier)])
+
+    turn_b = WriteTurn(turn_a)
+    task_b = asyncio.create_task(
+        store.insert_batch([interaction_row(later)], [], turn_b)
+    )
+    # The later batch writes all its keys while the earlier one is uncommitted...
+    await wait_until(lambda: turn_b.state is TurnState.CLAIMED)
+    # ...and does not commit before it.
+    await asyncio.sleep(0.2)
+    committed_early = task_b.done()
+    turn_a.release.set()
+    async with asyncio.timeout(30):
+        stored = list(await asyncio.gather(task_a, task_b))
+
+    assert committed_early is False
+    assert stored == [(1, 0), (1, 0)]
+    assert await event_id_counts(store_pool, "interactions") == {
+        earlier.event_id: 1,
+        later.event_id: 1,
+    }
+
+
+async def test_interaction_repeated_across_overlapping_batches_goes_to_the_earlier(
+    store_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(store_pool)
+    first = make_interaction()
+    repeat = make_interaction(interaction_id=first.interaction_id)
+    other = make_interaction()
+    turn_a, task_a = await hold_at_commit(store, [interaction_row(first)])
+
+    task_b = asyncio.create_task(
+        store.insert_batch(
+            [interaction_row(other), interaction_row(repeat)], [], WriteTurn(turn_a)
+        )
+    )
+    # The repeated interaction id waits on the earlier batch's open transaction.
+    await wait_until(lambda: copy_waits_on_a_lock(store_pool, "interaction_keys"))
+    assert not task_b.done()
+    turn_a.release.set()
+    async with asyncio.timeout(30):
+        stored = list(await asyncio.gather(task_a, task_b))
+
+    assert stored == [(1, 0), (1, 0)]
+    assert await event_id_counts(store_pool, "interactions") == {
+        first.event_id: 1,
+        other.event_id: 1,
+    }
+
+
+async def test_earlier_batch_failing_rolls_back_the_later_one_until_it_is_retried(
+    store_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(store_pool)
+    earlier, later = make_interaction(), make_interaction()
+    turn_a, task_a = await hold_at_commit(store, [interaction_row(earlier)])
+    turn_a.fail_once = True
+    turn_b = WriteTurn(turn_a)
+    task_b = asyncio.create_task(
+        store.insert_batch([interaction_row(later)], [], turn_b)
+    )
+    await wait_until(lambda: turn_b.state is TurnState.CLAIMED)
+
+    turn_a.release.set()
+    async with asyncio.timeout(30):
+        outcomes = await asyncio.gather(task_a, task_b, return_exceptions=True)
+    keys_after_failure = await count_rows(store_pool, "event_keys")
+    # Both retried (as the intake's retry loop would), the earlier one first.
+    retry_b = asyncio.create_task(
+        store.insert_batch([interaction_row(later)], [], turn_b)
+    )
+    await asyncio.sleep(0.2)
+    later_waited = not retry_b.done()
+    async with asyncio.timeout(30):
+        retried = [
+            await store.insert_batch([interaction_row(earlier)], [], turn_a),
+            await retry_b,
+        ]
+
+    assert [type(outcome) for outcome in outcomes] == [
+        StoreUnavailableError,
+        StoreUnavailableError,
+    ]
+    assert keys_after_failure == 0
+    assert later_waited is True
+    assert retried == [(1, 0), (1, 0)]
+    assert await count_rows(store_pool, "interactions") == 2
+
+
+async def test_earlier_batch_abandoned_leaves_the_later_one_uncommitted(
+    store_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(store_pool)
+    turn_a, task_a = await hold_at_commit(store, [interaction_row(make_interaction())])
+    turn_b = WriteTurn(turn_a)
+    task_b = asyncio.create_task(
+        store.insert_batch([interaction_row(make_interaction())], [], turn_b)
+    )
+    await wait_until(lambda: turn_b.state is TurnState.CLAIMED)
+
+    # The earlier batch's task is cancelled (a stop, a crash): the later one rolls
+    # back at once; the owner then abandons the earlier batch, and the later one's
+    # retry ends for good.
+    task_a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task_a
+    with pytest.raises(StoreUnavailableError):
+        async with asyncio.timeout(30):
+            await task_b
+    turn_a.abandon()
+    with pytest.raises(EarlierBatchAbandonedError):
+        await store.insert_batch([interaction_row(make_interaction())], [], turn_b)
+
+    assert await count_rows(store_pool, "event_keys") == 0
