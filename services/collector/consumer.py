@@ -31,15 +31,12 @@ from services.collector.handlers import (
     Rejection,
     RejectReason,
     build_dead_letter,
-    feedback_row,
-    interaction_row,
-    parse_record,
+    record_row,
 )
 from services.collector.ordering import WriteTurn
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.settings import CollectorSettings
 from services.collector.store import EventStore, RowRefusedError
-from services.common.events import Interaction
 from services.common.kafka import Topics
 from services.common.probes import Heartbeat
 
@@ -52,9 +49,10 @@ T = TypeVar("T")
 # Records validated between two turns of the event loop (well under a millisecond):
 # the batch being stored waits at most that long for each of its round trips.
 PREPARE_CHUNK = 50
-# Batches between validation and their committed offsets: one committing while the
-# next writes its rows (services/collector/ordering.py), a third validated meanwhile.
-MAX_BATCHES_IN_STORE = 2
+# Batches between validation and their committed offsets: one committing, the next
+# writing its rows (services/collector/ordering.py), a third waiting for its turn,
+# while the consume loop validates a fourth.
+MAX_BATCHES_IN_STORE = 3
 
 
 class BatchAbandonedError(Exception):
@@ -260,17 +258,13 @@ class EventConsumer:
         max_payload_bytes = self._settings.max_payload_bytes
         for record in records:
             kind = kinds[record.topic]
-            outcome = parse_record(
-                kind, record.value, max_payload_bytes=max_payload_bytes
+            outcome = record_row(
+                kind, record.value, max_payload_bytes=max_payload_bytes, keyring=keyring
             )
             if isinstance(outcome, Rejection):
                 rejected.append((record, outcome))
-            elif isinstance(outcome, Interaction):
-                row = interaction_row(outcome, keyring)
-                accepted.append((record, kind, row))
             else:
-                row = feedback_row(outcome, keyring)
-                accepted.append((record, kind, row))
+                accepted.append((record, kind, outcome))
         return Sorted(accepted, rejected)
 
     async def _store_events(

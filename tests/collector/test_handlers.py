@@ -14,6 +14,7 @@ from services.collector.handlers import (
     FEEDBACK_COLUMNS,
     INTERACTION_COLUMNS,
     MAX_INT4,
+    MESSAGES,
     EventKind,
     Rejection,
     RejectReason,
@@ -21,11 +22,14 @@ from services.collector.handlers import (
     build_dead_letter,
     feedback_row,
     interaction_row,
+    messages_json,
     parse_record,
+    record_row,
 )
 from services.common.events import Feedback, Interaction, encode
 
 MAX_BYTES = 64 * 1024
+MOMENT = "2025-01-01T00:00:02Z"
 
 
 def interaction_data(**changes: Any) -> dict[str, Any]:
@@ -246,6 +250,53 @@ def test_rows_follow_column_order_and_encode_jsonb_as_text() -> None:
     assert frow["created_at"].tzinfo is not None
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "What is the capital?"}],
+        [
+            {"role": "system", "content": None, "name": "setup"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "é ✓"}, {"type": "x", "n": 1.5}],
+                "cache": {"ttl": 3},
+            },
+            {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+        ],
+        [{"role": "user", "content": [{"n": 10**30}]}],
+    ],
+    ids=["plain", "parts-and-extra-fields", "integer-beyond-64-bits"],
+)
+def test_messages_json_writes_what_pydantic_writes(
+    messages: list[dict[str, Any]],
+) -> None:
+    event = Interaction.model_validate(interaction_data(request_messages=messages))
+
+    written = messages_json(event.request_messages)
+
+    assert written == MESSAGES.dump_json(event.request_messages).decode()
+    assert json.loads(written) == MESSAGES.dump_python(
+        event.request_messages, mode="json"
+    )
+
+
+def test_rows_keep_integers_beyond_64_bits_exactly() -> None:
+    """Valid JSON that orjson cannot write: the row must not fail (a poison pill)."""
+    raw = json.dumps(
+        interaction_data(
+            request_params={"seed": 10**30},
+            error={"type": "upstream", "message": "x", "status_code": 10**20},
+        )
+    ).encode()
+    event = parse_record(EventKind.INTERACTION, raw, max_payload_bytes=MAX_BYTES)
+    assert isinstance(event, Interaction)
+
+    row = dict(zip(INTERACTION_COLUMNS, interaction_row(event), strict=True))
+
+    assert json.loads(row["request_params"]) == {"seed": 10**30}
+    assert json.loads(row["error"])["status_code"] == 10**20
+
+
 def test_as_utc_naive_datetime_is_taken_as_utc() -> None:
     naive = datetime(2025, 1, 1, 12, 0)
 
@@ -272,3 +323,33 @@ def test_parse_record_escaped_backslash_before_u0000_is_not_a_nul() -> None:
 
     assert isinstance(event, Feedback)
     assert event.text == "C:\\u0000 NaN"
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        (EventKind.INTERACTION, json.dumps(interaction_data()).encode()),
+        (EventKind.FEEDBACK, json.dumps(feedback_data(created_at=MOMENT)).encode()),
+        # The full path: a false alarm for the NaN marker, then a good event.
+        (
+            EventKind.FEEDBACK,
+            json.dumps(feedback_data(text="NaN days", created_at=MOMENT)).encode(),
+        ),
+        (EventKind.FEEDBACK, json.dumps(feedback_data(kind="stars")).encode()),
+        (EventKind.INTERACTION, b"x" * (MAX_BYTES + 1)),
+        (EventKind.INTERACTION, None),
+    ],
+    ids=["interaction", "feedback", "full-path", "invalid", "oversized", "empty"],
+)
+def test_record_row_is_parse_record_then_the_row_builder(
+    kind: EventKind, value: bytes | None
+) -> None:
+    parsed = parse_record(kind, value, max_payload_bytes=MAX_BYTES)
+    if isinstance(parsed, Interaction):
+        expected: object = interaction_row(parsed)
+    elif isinstance(parsed, Feedback):
+        expected = feedback_row(parsed)
+    else:
+        expected = parsed
+
+    assert record_row(kind, value, max_payload_bytes=MAX_BYTES) == expected
