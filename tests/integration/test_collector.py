@@ -203,6 +203,8 @@ async def test_collector_stores_good_events_once_and_dead_letters_bad_ones(
 ) -> None:
     topics = Topics(kafka_settings.topic_prefix)
     interactions = [make_interaction() for _ in range(200)]
+    # Good, though orjson cannot write it: a number beyond 64 bits in a jsonb field.
+    interactions[42] = make_interaction(request_params={"seed": 10**30})
     feedback = [make_feedback(item.interaction_id) for item in interactions]
     orphans = [make_feedback(uuid.uuid4(), kind="copy") for _ in range(3)]
     # Same interaction_id as an earlier one, under a new event_id: a duplicate too.
@@ -256,6 +258,11 @@ async def test_collector_stores_good_events_once_and_dead_letters_bad_ones(
     stored_feedback = await event_id_counts(pg_pool, "feedback")
     assert stored_interactions == {item.event_id: 1 for item in interactions}
     assert stored_feedback == {item.event_id: 1 for item in feedback + orphans}
+    seed = await pg_pool.fetchval(
+        "SELECT request_params->>'seed' FROM interactions WHERE event_id = $1",
+        interactions[42].event_id,
+    )
+    assert seed == str(10**30)
     assert counter_value(metrics.EVENTS_STORED, topics.interactions) == 200
     assert counter_value(metrics.EVENTS_DUPLICATE, topics.interactions) == (
         duplicates_sent + 1
