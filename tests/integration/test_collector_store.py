@@ -178,7 +178,7 @@ async def test_row_refused_by_postgresql_stores_nothing_of_its_batch(
     store = EventStore(store_pool)
     kept = make_feedback(uuid.uuid4())
     # Plaintext beside a key id: the table's CHECK refuses it, after the keys were
-    # COPYed (inside the same savepoint and transaction).
+    # COPYed (inside the same transaction).
     refused = list(feedback_row(make_feedback(uuid.uuid4(), text="hello")))
     refused[8] = "some-key"
 
