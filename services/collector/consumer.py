@@ -36,7 +36,7 @@ from services.collector.handlers import (
 from services.collector.ordering import WriteTurn
 from services.collector.publisher import DeadLetterPublisher
 from services.collector.settings import CollectorSettings
-from services.collector.store import EventStore, RowRefusedError
+from services.collector.store import EventStore, RowRefusedError, Source
 from services.common.kafka import Topics
 from services.common.probes import Heartbeat
 
@@ -270,9 +270,13 @@ class EventConsumer:
     async def _store_events(
         self, accepted: list[tuple[Record, EventKind, Row]], turn: WriteTurn
     ) -> list[tuple[Record, Rejection]]:
+        """Store the batch's events; the records to dead-letter instead.
+
+        Those are the repeats of events stored from other records (a producer's
+        retry), and on the rare path below, rows PostgreSQL refuses.
+        """
         try:
-            await self._insert([(kind, row) for _, kind, row in accepted], turn)
-            return []
+            return await self._insert(accepted, turn)
         except RowRefusedError as error:
             logger.warning("batch refused by PostgreSQL, storing one by one: %s", error)
 
@@ -282,33 +286,52 @@ class EventConsumer:
         # claim when all are done.
         await turn.may_claim()
         await turn.may_commit()
-        refused: list[tuple[Record, Rejection]] = []
-        for record, kind, row in accepted:
+        rejected: list[tuple[Record, Rejection]] = []
+        for item in accepted:
             try:
-                await self._insert([(kind, row)])
+                rejected += await self._insert([item])
             except RowRefusedError as error:
                 rejection = Rejection(RejectReason.STORAGE_REJECTED, str(error))
-                refused.append((record, rejection))
+                rejected.append((item[0], rejection))
         turn.claimed()
         turn.committed()
-        return refused
+        return rejected
 
     async def _insert(
-        self, items: Sequence[tuple[EventKind, Row]], turn: WriteTurn | None = None
-    ) -> None:
-        interactions = [row for kind, row in items if kind is EventKind.INTERACTION]
-        feedback = [row for kind, row in items if kind is EventKind.FEEDBACK]
-        stored_interactions, stored_feedback = await self._store.insert_batch(
-            interactions, feedback, turn
-        )
-        for kind, seen, stored in (
-            (EventKind.INTERACTION, len(interactions), stored_interactions),
-            (EventKind.FEEDBACK, len(feedback), stored_feedback),
+        self,
+        items: Sequence[tuple[Record, EventKind, Row]],
+        turn: WriteTurn | None = None,
+    ) -> list[tuple[Record, Rejection]]:
+        interactions: list[Row] = []
+        feedback: list[Row] = []
+        records: list[Record] = []
+        sources: tuple[list[Source], list[Source]] = ([], [])
+        for record, kind, row in items:
+            is_interaction = kind is EventKind.INTERACTION
+            (interactions if is_interaction else feedback).append(row)
+            sources[0 if is_interaction else 1].append(
+                (record.topic, record.partition, record.offset)
+            )
+            records.append(record)
+        stored = await self._store.insert_batch(interactions, feedback, turn, sources)
+        for kind, seen, new in (
+            (EventKind.INTERACTION, len(interactions), stored.interactions),
+            (EventKind.FEEDBACK, len(feedback), stored.feedback),
         ):
             topic = self._topic_of[kind]
-            metrics.EVENTS_STORED.labels(topic).inc(stored)
-            metrics.EVENTS_DUPLICATE.labels(topic).inc(seen - stored)
-            self.totals.update(stored=stored, duplicates=seen - stored)
+            metrics.EVENTS_STORED.labels(topic).inc(new)
+            metrics.EVENTS_DUPLICATE.labels(topic).inc(seen - new)
+            self.totals.update(stored=new, duplicates=seen - new)
+        if not stored.repeats:
+            return []
+        by_source = {
+            (record.topic, record.partition, record.offset): record
+            for record in records
+        }
+        return [
+            (by_source[repeat.source], Rejection(RejectReason.DUPLICATE, repeat.detail))
+            for repeat in stored.repeats
+        ]
 
     async def _publish_dead_letters(
         self, rejected: Sequence[tuple[Record, Rejection]]
@@ -330,7 +353,13 @@ class EventConsumer:
         ]
         await self._publisher.publish(letters)
         for record, rejection in rejected:
-            logger.error(
+            # A repeat of a stored event harms nothing (it is not stored twice).
+            log = (
+                logger.info
+                if rejection.reason is RejectReason.DUPLICATE
+                else logger.error
+            )
+            log(
                 "record dead-lettered topic=%s partition=%d offset=%d reason=%s "
                 "bytes=%d detail=%s",
                 record.topic,

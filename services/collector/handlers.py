@@ -86,6 +86,7 @@ class RejectReason(StrEnum):
     VALIDATION_ERROR = "validation_error"
     VALUE_OUT_OF_RANGE = "value_out_of_range"
     STORAGE_REJECTED = "storage_rejected"
+    DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
@@ -40,6 +40,39 @@ FEEDBACK_TYPES = (
     "uuid", "uuid", "text", "text", "float8", "text", "text", "timestamptz", "text",
     "bytea",
 )  # fmt: skip
+
+# Where a row's event came from: its record's topic, partition and offset
+# ((None, None, None): not known).
+Source = tuple[str | None, int | None, int | None]
+NO_SOURCE: Source = (None, None, None)
+EVENT_KEY_COLUMNS = ("event_id", "source_topic", "source_partition", "source_offset")
+SOURCE_COLUMNS = ("source_topic", "source_partition", "source_offset")
+SOURCE_TYPES = ("text", "int4", "int8")
+
+
+class Repeat(NamedTuple):
+    """A record repeating an event stored from another record (dead-letter it)."""
+
+    source: Source
+    detail: str
+
+
+class StoredBatch(NamedTuple):
+    """What a batch stored: rows new in each table, and the repeats of other records.
+
+    Every row not stored is a duplicate; those whose event (or interaction) was
+    stored from another record are in `repeats`. The rest are the same records
+    read again (a replay), which is not an error.
+    """
+
+    interactions: int
+    feedback: int
+    repeats: tuple[Repeat, ...] = ()
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.interactions, self.feedback
+
 
 # SQLSTATE classes that blame the data, not the server: data exception, integrity
 # constraint violation, program limit exceeded. Retrying such a batch cannot help.
@@ -76,7 +109,9 @@ def batch_table_ddl(table: str, columns: Sequence[str], types: Sequence[str]) ->
     """
     defined = ", ".join(
         f"{column} {'text' if kind == 'jsonb' else kind}"
-        for column, kind in zip(columns, types, strict=True)
+        for column, kind in zip(
+            (*columns, *SOURCE_COLUMNS), (*types, *SOURCE_TYPES), strict=True
+        )
     )
     return (
         f"CREATE TEMP TABLE IF NOT EXISTS {BATCH_TABLES[table]} "
@@ -92,8 +127,9 @@ def _staged_batch(table: str, columns: Sequence[str], types: Sequence[str]) -> s
         f"{column}::jsonb AS {column}" if kind == "jsonb" else column
         for column, kind in zip(columns, types, strict=True)
     )
+    sources = ", ".join(SOURCE_COLUMNS)
     return (
-        f"SELECT DISTINCT ON (event_id) {selected}, position "  # noqa: S608 (constants)
+        f"SELECT DISTINCT ON (event_id) {selected}, {sources}, position "  # noqa: S608
         f"FROM pg_temp.{BATCH_TABLES[table]} ORDER BY event_id, position"
     )
 
@@ -110,7 +146,9 @@ def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> st
     names = ", ".join(columns)
     claims = (
         f"WITH batch AS ({_staged_batch(table, columns, types)}), "  # noqa: S608
-        "new_events AS (INSERT INTO event_keys (event_id) SELECT event_id FROM batch"
+        "new_events AS (INSERT INTO event_keys (event_id, source_topic,"
+        " source_partition, source_offset) SELECT event_id, source_topic,"
+        " source_partition, source_offset FROM batch"
         " ON CONFLICT DO NOTHING RETURNING event_id)"
     )
     if table == "feedback":
@@ -129,6 +167,39 @@ def keyed_insert(table: str, columns: Sequence[str], types: Sequence[str]) -> st
     return f"{claims} {insert} FROM {source}"
 
 
+def repeats_query(table: str) -> str:
+    """The staged rows of other records than the one their stored event came from.
+
+    Run after the keyed insert, in its transaction. An event_id held by another
+    record (an earlier one in the batch included); for interactions also an
+    interaction_id stored under another event. A key stored without a source
+    (before migration 0013) or a row staged without one is never reported.
+    """
+    staged = f"pg_temp.{BATCH_TABLES[table]}"
+    own = (
+        "(k.source_topic, k.source_partition, k.source_offset)"
+        " = (s.source_topic, s.source_partition, s.source_offset)"
+    )
+    query = (
+        "SELECT s.source_topic, s.source_partition, s.source_offset, s.event_id,"  # noqa: S608
+        " k.source_topic AS held_topic, k.source_partition AS held_partition,"
+        " k.source_offset AS held_offset, false AS interaction"
+        f" FROM {staged} AS s JOIN event_keys AS k USING (event_id)"
+        " WHERE s.source_topic IS NOT NULL AND k.source_topic IS NOT NULL"
+        f" AND NOT {own}"
+    )
+    if table == "interactions":
+        query += (
+            " UNION ALL SELECT s.source_topic, s.source_partition, s.source_offset,"  # noqa: S608
+            " s.event_id, NULL, NULL, NULL, true"
+            f" FROM {staged} AS s JOIN event_keys AS k USING (event_id)"
+            f" WHERE s.source_topic IS NOT NULL AND {own}"
+            " AND NOT EXISTS (SELECT 1 FROM interactions AS i"
+            " WHERE i.interaction_id = s.interaction_id AND i.event_id = s.event_id)"
+        )
+    return query
+
+
 @dataclass(frozen=True)
 class TableWriter:
     """How one table's rows are staged and claimed."""
@@ -136,6 +207,7 @@ class TableWriter:
     table: str
     columns: tuple[str, ...]
     insert: str
+    repeats: str
 
     @property
     def staging(self) -> str:
@@ -146,11 +218,13 @@ INTERACTIONS = TableWriter(
     "interactions",
     INTERACTION_COLUMNS,
     keyed_insert("interactions", INTERACTION_COLUMNS, INTERACTION_TYPES),
+    repeats_query("interactions"),
 )
 FEEDBACK = TableWriter(
     "feedback",
     FEEDBACK_COLUMNS,
     keyed_insert("feedback", FEEDBACK_COLUMNS, FEEDBACK_TYPES),
+    repeats_query("feedback"),
 )
 # Both staging tables in one round trip (no parameters: the simple protocol).
 CREATE_BATCH_TABLES = "; ".join(
@@ -189,8 +263,9 @@ class EventStore:
         interaction_rows: Sequence[tuple[Any, ...]],
         feedback_rows: Sequence[tuple[Any, ...]],
         turn: WriteTurn | None = None,
-    ) -> tuple[int, int]:
-        """Insert both row sets atomically; return how many of each were new.
+        sources: tuple[Sequence[Source], Sequence[Source]] | None = None,
+    ) -> StoredBatch:
+        """Insert both row sets atomically; say how many of each were new.
 
         The common batch repeats nothing: its keys and rows are COPYed straight into
         their tables. When a key is already taken (a replay after a crash, a
@@ -198,29 +273,36 @@ class EventStore:
         rolled back and the batch takes the keyed path instead, which stores the
         first of each event and counts the rest as duplicates.
 
-        With a `turn`, the batch claims its keys and commits in its place in the
-        write order (services/collector/ordering.py), so it may overlap the batch
-        before it.
+        `sources` (one per row of each set) is where each row's event came from; it
+        is stored with the event's key, and tells a replay of the same record from a
+        repeat by another record, which the result lists. With a `turn`, the batch
+        claims its keys and commits in its place in the write order
+        (services/collector/ordering.py), so it may overlap the batch before it.
 
         Raises StoreUnavailableError (retry later), RowRefusedError (split it),
         StoreMisconfiguredError (a bug: stop) or EarlierBatchAbandonedError.
         """
         turn = turn or WriteTurn()
+        if sources is None:
+            sources = (
+                [NO_SOURCE] * len(interaction_rows),
+                [NO_SOURCE] * len(feedback_rows),
+            )
         try:
             await turn.may_claim()
             connection = await self._acquire()
             try:
                 if await _copy_when_all_new(
-                    connection, interaction_rows, feedback_rows, turn
+                    connection, interaction_rows, feedback_rows, sources, turn
                 ):
                     turn.committed()
-                    return len(interaction_rows), len(feedback_rows)
+                    return StoredBatch(len(interaction_rows), len(feedback_rows))
                 metrics.REPEAT_BATCHES.inc()
                 # Keys the batches before hold must be settled first.
                 await turn.may_commit()
                 async with connection.transaction():
                     stored = await _insert_keyed(
-                        connection, interaction_rows, feedback_rows
+                        connection, interaction_rows, feedback_rows, sources
                     )
                     turn.claimed()
                 turn.committed()
@@ -271,6 +353,7 @@ async def _copy_when_all_new(
     connection: asyncpg.Connection,
     interaction_rows: Sequence[tuple[Any, ...]],
     feedback_rows: Sequence[tuple[Any, ...]],
+    sources: tuple[Sequence[Source], Sequence[Source]],
     turn: WriteTurn,
 ) -> bool:
     """COPY the keys, then the rows, and commit; False (rolled back) if a key was taken.
@@ -278,12 +361,19 @@ async def _copy_when_all_new(
     A key another open transaction holds makes its COPY wait for that transaction,
     as an insert would: taken if it commits, free if it rolls back.
     """
-    event_keys = [(row[0],) for row in interaction_rows]
-    event_keys += [(row[0],) for row in feedback_rows]
+    interaction_sources, feedback_sources = sources
+    event_keys = [
+        (row[0], *source)
+        for row, source in zip(interaction_rows, interaction_sources, strict=True)
+    ]
+    event_keys += [
+        (row[0], *source)
+        for row, source in zip(feedback_rows, feedback_sources, strict=True)
+    ]
     interaction_keys = [(row[1],) for row in interaction_rows]
     try:
         async with connection.transaction():
-            await _copy(connection, "event_keys", ("event_id",), event_keys)
+            await _copy(connection, "event_keys", EVENT_KEY_COLUMNS, event_keys)
             await _copy(
                 connection, "interaction_keys", ("interaction_id",), interaction_keys
             )
@@ -302,18 +392,51 @@ async def _insert_keyed(
     connection: asyncpg.Connection,
     interaction_rows: Sequence[tuple[Any, ...]],
     feedback_rows: Sequence[tuple[Any, ...]],
-) -> tuple[int, int]:
-    """Stage the rows, then claim their keys and insert the rows that won them."""
+    sources: tuple[Sequence[Source], Sequence[Source]],
+) -> StoredBatch:
+    """Stage the rows, claim their keys, insert the rows that won them; find repeats."""
     await connection.execute(CREATE_BATCH_TABLES)
     stored = {INTERACTIONS.table: 0, FEEDBACK.table: 0}
-    for writer, rows in ((INTERACTIONS, interaction_rows), (FEEDBACK, feedback_rows)):
+    repeats: list[Repeat] = []
+    for writer, rows, row_sources in (
+        (INTERACTIONS, interaction_rows, sources[0]),
+        (FEEDBACK, feedback_rows, sources[1]),
+    ):
         if not rows:
             continue
-        await _copy(connection, writer.staging, writer.columns, rows, schema="pg_temp")
+        staged = [
+            (*row, *source) for row, source in zip(rows, row_sources, strict=True)
+        ]
+        await _copy(
+            connection,
+            writer.staging,
+            (*writer.columns, *SOURCE_COLUMNS),
+            staged,
+            schema="pg_temp",
+        )
         status = await connection.execute(writer.insert)
         # The command tag reads "INSERT 0 <rows inserted>".
         stored[writer.table] = int(status.rsplit(" ", 1)[-1])
-    return stored[INTERACTIONS.table], stored[FEEDBACK.table]
+        repeats += [_repeat(found) for found in await connection.fetch(writer.repeats)]
+    return StoredBatch(
+        stored[INTERACTIONS.table], stored[FEEDBACK.table], tuple(repeats)
+    )
+
+
+def _repeat(found: asyncpg.Record) -> Repeat:
+    source = (found["source_topic"], found["source_partition"], found["source_offset"])
+    if found["interaction"]:
+        detail = (
+            f"event {found['event_id']}: its interaction_id is stored already,"
+            " under another event"
+        )
+    else:
+        detail = (
+            f"event {found['event_id']} is stored already, from"
+            f" {found['held_topic']} partition {found['held_partition']}"
+            f" offset {found['held_offset']}"
+        )
+    return Repeat(source, detail)
 
 
 async def _copy(

@@ -221,7 +221,9 @@ async def test_collector_stores_good_events_once_and_dead_letters_bad_ones(
         # The first 20 ratings arrive before their interaction.
         messages += reversed(pair) if index < 20 else pair
         if index % 13 == 0:
-            messages += pair  # producer retries: the same events again
+            # Producer retries: the same events again, as other records.
+            bad_at.update({len(messages): "duplicate", len(messages) + 1: "duplicate"})
+            messages += pair
         if index % 19 == 7 and bad:
             topic, value, reason = bad.pop()
             bad_at[len(messages)] = reason
@@ -230,6 +232,7 @@ async def test_collector_stores_good_events_once_and_dead_letters_bad_ones(
     messages += [
         (topics.feedback, str(o.interaction_id).encode(), encode(o)) for o in orphans
     ]
+    bad_at[len(messages)] = "duplicate"
     messages.append(
         (topics.interactions, str(clash.interaction_id).encode(), encode(clash))
     )

@@ -86,8 +86,8 @@ async def test_keys_make_inserts_idempotent_across_partitions(
     stored_first = await store.insert_batch(rows, [feedback_row(rating)] * 2)
     stored_again = await store.insert_batch(rows, [feedback_row(rating)])
 
-    assert stored_first == (1, 1)
-    assert stored_again == (0, 0)
+    assert stored_first.counts == (1, 1)
+    assert stored_again.counts == (0, 0)
     assert await event_id_counts(pg_pool, "interactions") == {first.event_id: 1}
     assert await event_id_counts(pg_pool, "feedback") == {rating.event_id: 1}
 
@@ -142,7 +142,7 @@ async def test_migration_moves_rows_stored_before_it(
         await pool.close()
 
     assert applied[0].startswith("0002_")
-    assert again == (0, 0)
+    assert again.counts == (0, 0)
     assert home == "interactions_history"
 
 

@@ -82,7 +82,7 @@ async def test_batch_of_new_events_is_copied_without_the_keyed_path(
         [feedback_row(item) for item in ratings],
     )
 
-    assert stored == (3, 3)
+    assert stored.counts == (3, 3)
     assert repeat_batches() == before
     assert await count_rows(store_pool, "event_keys") == 6
     assert await count_rows(store_pool, "interaction_keys") == 3
@@ -106,7 +106,7 @@ async def test_batch_repeating_a_stored_event_stores_only_the_new_ones(
 
     stored = await store.insert_batch([interaction_row(old), interaction_row(new)], [])
 
-    assert stored == (1, 0)
+    assert stored.counts == (1, 0)
     assert repeat_batches() == before + 1
     assert await event_id_counts(store_pool, "interactions") == {
         old.event_id: 1,
@@ -130,7 +130,7 @@ async def test_repeats_within_a_batch_keep_the_first_in_batch_order(
 
     stored = await store.insert_batch(rows, [])
 
-    assert stored == (3, 0)
+    assert stored.counts == (3, 0)
     assert await event_id_counts(one_connection_pool, "interactions") == {
         first.event_id: 1 for first, _ in batches
     }
@@ -158,7 +158,7 @@ async def test_key_held_by_an_open_transaction_waits_then_counts_as_a_duplicate(
     async with asyncio.timeout(30):
         stored = await insert
 
-    assert stored == (1, 0)
+    assert stored.counts == (1, 0)
     assert await event_id_counts(store_pool, "interactions") == {own.event_id: 1}
 
 
@@ -186,7 +186,7 @@ async def test_row_refused_by_postgresql_stores_nothing_of_its_batch(
         await store.insert_batch([], [feedback_row(kept), tuple(refused)])
     stored = await store.insert_batch([], [feedback_row(kept)])
 
-    assert stored == (0, 1)
+    assert stored.counts == (0, 1)
     assert await count_rows(store_pool, "event_keys") == 1
     assert await event_id_counts(store_pool, "feedback") == {kept.event_id: 1}
 
@@ -205,7 +205,7 @@ async def test_value_that_cannot_be_encoded_is_refused_and_the_connection_recove
         await store.insert_batch([], [tuple(bad)])
     stored = await store.insert_batch([], [feedback_row(good)])
 
-    assert stored == (0, 1)
+    assert stored.counts == (0, 1)
     assert await event_id_counts(one_connection_pool, "feedback") == {good.event_id: 1}
 
 
@@ -339,7 +339,7 @@ async def test_next_batch_writes_while_the_one_before_commits_and_commits_after_
     committed_early = task_b.done()
     turn_a.release.set()
     async with asyncio.timeout(30):
-        stored = list(await asyncio.gather(task_a, task_b))
+        stored = [s.counts for s in await asyncio.gather(task_a, task_b)]
 
     assert committed_early is False
     assert stored == [(1, 0), (1, 0)]
@@ -368,7 +368,7 @@ async def test_interaction_repeated_across_overlapping_batches_goes_to_the_earli
     assert not task_b.done()
     turn_a.release.set()
     async with asyncio.timeout(30):
-        stored = list(await asyncio.gather(task_a, task_b))
+        stored = [s.counts for s in await asyncio.gather(task_a, task_b)]
 
     assert stored == [(1, 0), (1, 0)]
     assert await event_id_counts(store_pool, "interactions") == {
@@ -412,7 +412,7 @@ async def test_earlier_batch_failing_rolls_back_the_later_one_until_it_is_retrie
     ]
     assert keys_after_failure == 0
     assert later_waited is True
-    assert retried == [(1, 0), (1, 0)]
+    assert [s.counts for s in retried] == [(1, 0), (1, 0)]
     assert await count_rows(store_pool, "interactions") == 2
 
 
@@ -441,3 +441,55 @@ async def test_earlier_batch_abandoned_leaves_the_later_one_uncommitted(
         await store.insert_batch([interaction_row(make_interaction())], [], turn_b)
 
     assert await count_rows(store_pool, "event_keys") == 0
+
+
+async def test_repeat_by_another_record_is_reported_and_a_replay_is_not(
+    store_pool: asyncpg.Pool,
+) -> None:
+    store = EventStore(store_pool)
+    first, other = make_interaction(), make_interaction()
+    clash = make_interaction(interaction_id=first.interaction_id)
+    rating = make_feedback(first.interaction_id)
+    topic = "flywheel.interactions.v1"
+    await store.insert_batch(
+        [interaction_row(first)],
+        [feedback_row(rating)],
+        sources=([(topic, 0, 10)], [("flywheel.feedback.v1", 1, 4)]),
+    )
+
+    # The same records read again, the first event retried as another record, a
+    # new event, an interaction_id stored under another event, and the rating
+    # retried too.
+    stored = await store.insert_batch(
+        [interaction_row(first)] * 2 + [interaction_row(other), interaction_row(clash)],
+        [feedback_row(rating)],
+        sources=(
+            [(topic, 0, 10), (topic, 0, 11), (topic, 0, 12), (topic, 0, 13)],
+            [("flywheel.feedback.v1", 1, 9)],
+        ),
+    )
+
+    assert stored.counts == (1, 0)
+    reported = {repeat.source: repeat.detail for repeat in stored.repeats}
+    assert set(reported) == {
+        (topic, 0, 11),
+        (topic, 0, 13),
+        ("flywheel.feedback.v1", 1, 9),
+    }
+    assert f"from {topic} partition 0 offset 10" in reported[(topic, 0, 11)]
+    assert "interaction_id is stored already" in reported[(topic, 0, 13)]
+
+
+async def test_repeat_of_a_key_stored_without_its_source_is_only_counted(
+    store_pool: asyncpg.Pool,
+) -> None:
+    """Keys stored before their source was (migration 0013) have none."""
+    store = EventStore(store_pool)
+    event = make_interaction()
+    await store.insert_batch([interaction_row(event)], [])
+
+    stored = await store.insert_batch(
+        [interaction_row(event)], [], sources=([("t", 0, 1)], [])
+    )
+
+    assert stored == (0, 0, ())
