@@ -40,6 +40,7 @@ from services.collector.handlers import (
     interaction_row,
 )
 from services.collector.settings import CollectorSettings
+from services.collector.store import EVENT_KEY_COLUMNS, Source
 from services.common import db, kafka, lifecycle
 from services.common.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from services.common.events import Feedback, Interaction, encode, utc_now
@@ -79,7 +80,8 @@ def make_events(pairs: int) -> tuple[list[Interaction], list[Feedback]]:
 
 async def produce(
     settings: KafkaSettings, interactions: list[Interaction], feedback: list[Feedback]
-) -> None:
+) -> list[Source]:
+    """Produce every pair; where each event landed (interactions, then feedback)."""
     topics = kafka.Topics(settings.topic_prefix)
     producer = kafka.make_producer(settings, client_id="bench-producer")
     await producer.start()
@@ -93,9 +95,11 @@ async def produce(
             pending.append(
                 await producer.send(topics.feedback, encode(rating), key=key)
             )
-        await asyncio.gather(*pending)
+        landed = await asyncio.gather(*pending)
     finally:
         await producer.stop()
+    sources = [(item.topic, item.partition, item.offset) for item in landed]
+    return sources[0::2] + sources[1::2]
 
 
 async def wait_for(condition: Callable[[], bool], *, timeout_s: float) -> float:
@@ -187,14 +191,16 @@ async def time_copy(
     pg_settings: PostgresSettings,
     interactions: list[Interaction],
     feedback: list[Feedback],
+    sources: list[Source],
     *,
     with_keys: bool = True,
 ) -> float:
     """Seconds to build the rows and COPY them into fresh tables, one COPY each.
 
     The rows are those the collector commits for these events: their keys (every
-    event_id in `event_keys`, every interaction_id in `interaction_keys`) and the
-    events themselves; `with_keys=False` COPYs the event rows alone.
+    event_id in `event_keys` with the record it came from, `sources`, every
+    interaction_id in `interaction_keys`) and the events themselves;
+    `with_keys=False` COPYs the event rows alone.
     """
     await db.migrate(pg_settings)
     # A plain connection: jsonb travels as the JSON text the row builders make.
@@ -210,10 +216,15 @@ async def time_copy(
             ("feedback", FEEDBACK_COLUMNS, feedback_rows),
         ]
         if with_keys:
-            event_keys = [(row[0],) for row in interaction_rows + feedback_rows]
+            event_keys = [
+                (row[0], *source)
+                for row, source in zip(
+                    interaction_rows + feedback_rows, sources, strict=True
+                )
+            ]
             interaction_keys = [(row[1],) for row in interaction_rows]
             tables = [
-                ("event_keys", ("event_id",), event_keys),
+                ("event_keys", EVENT_KEY_COLUMNS, event_keys),
                 ("interaction_keys", ("interaction_id",), interaction_keys),
                 *tables,
             ]
@@ -241,7 +252,7 @@ async def run(pairs: int, rounds: int, data_dir: Path) -> dict[str, list[float]]
             kafka_settings, kafka.Topics(kafka_settings.topic_prefix).all()
         )
         interactions, feedback = make_events(pairs)
-        await produce(kafka_settings, interactions, feedback)
+        sources = await produce(kafka_settings, interactions, feedback)
         # Every measure runs under the collector's garbage collector settings (its
         # App sets them process-wide when it starts, so later rounds would anyway).
         lifecycle.settle_heap(young_threshold=YOUNG_GC_THRESHOLD)
@@ -259,12 +270,12 @@ async def run(pairs: int, rounds: int, data_dir: Path) -> dict[str, list[float]]
                 await time_consume_only(kafka_settings, total, tag)
             )
             seconds["copy"].append(
-                await time_copy(postgres, schema, interactions, feedback)
+                await time_copy(postgres, schema, interactions, feedback, sources)
             )
             schema = PostgresSettings(dsn=postgres.dsn, db_schema=f"bench_rows_{tag}")
             seconds["copy_events"].append(
                 await time_copy(
-                    postgres, schema, interactions, feedback, with_keys=False
+                    postgres, schema, interactions, feedback, sources, with_keys=False
                 )
             )
             schema = PostgresSettings(
