@@ -14,9 +14,16 @@ Kafka order must win. Two rules keep it:
    fails instead, the later one rolls back too (its keys may be the earlier batch's
    to claim on its retry) and tries again after the earlier batch's next claim.
 
+A later batch may still commit when the batch before failed once and then committed
+on its retry before the later one asked to commit: its keys were written after the
+earlier batch's first claim, and that batch's retry claimed its own again first.
+
 Waits only ever point backwards (to earlier batches), except a retried earlier
-batch waiting on a later batch's lock; the later batch is told of the failure at
-once and rolls back, so that wait ends.
+batch waiting on a later batch's lock: the later batch rolls back as soon as it asks
+to commit and finds the failure (it asks right after its COPYs), so that wait ends.
+Other sessions' DDL on the event tables (a new day partition) could join such waits
+into a cycle PostgreSQL cannot see; the store therefore locks the event tables at the
+start of each batch's transaction (services/collector/store.py).
 """
 
 from __future__ import annotations
@@ -45,9 +52,12 @@ class EarlierBatchAbandonedError(CollectorError):
 class WriteTurn:
     """One batch's place in the write order (see the module's docstring).
 
-    The store calls `may_claim` before its first key, `claimed` after its last,
-    `may_commit` before COMMIT, then `committed`; `attempt_failed` when an attempt
-    fails. The batch's owner calls `abandon` when the batch ends uncommitted.
+    Whoever writes the batch (the store; the intake's row-by-row path) calls
+    `may_claim` before its first key, `claimed` after its last, `may_commit`
+    before COMMIT (or before a write that must follow the earlier batch's commit),
+    then `committed`; `attempt_failed` when an attempt fails. The batch's owner calls
+    `abandon` when the batch ends uncommitted. A turn forgets the one before it once
+    its own outcome is final, so finished turns do not pile up.
     """
 
     def __init__(self, before: WriteTurn | None = None) -> None:
@@ -60,6 +70,8 @@ class WriteTurn:
 
     def _set(self, state: TurnState) -> None:
         self.state = state
+        if state in (TurnState.COMMITTED, TurnState.ABANDONED):
+            self.before = None
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -67,7 +79,10 @@ class WriteTurn:
         await self._changed.wait()
 
     async def may_claim(self) -> None:
-        """Wait until the batch before has written all its keys (or committed)."""
+        """Wait until the batch before has written all its keys (or committed).
+
+        Raises EarlierBatchAbandonedError when it ended uncommitted.
+        """
         before = self.before
         if before is None:
             return

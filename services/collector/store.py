@@ -26,7 +26,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 from services.collector import metrics
 from services.collector.errors import CollectorError, StoreUnavailableError
 from services.collector.handlers import FEEDBACK_COLUMNS, INTERACTION_COLUMNS
-from services.collector.ordering import WriteTurn
+from services.collector.ordering import TurnState, WriteTurn
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,13 @@ CREATE_BATCH_TABLES = "; ".join(
     )
 )
 
+# What a batch's COPYs take anyway, taken at its start. A batch waits (in the intake)
+# for the batch before to commit while holding these; without them first, another
+# session's DDL queued between the two batches' locks (a new day partition, the
+# retention dropping one) would close a cycle of waits PostgreSQL cannot see, which
+# only the command timeout ends.
+LOCK_EVENT_TABLES = "LOCK TABLE ONLY interactions, ONLY feedback IN ROW EXCLUSIVE MODE"
+
 COUNT_ORPHANS_SINCE = """
 SELECT count(*) FROM feedback AS f
 WHERE f.stored_at >= now() - make_interval(secs => $1)
@@ -298,6 +305,10 @@ class EventStore:
                     turn.committed()
                     return StoredBatch(len(interaction_rows), len(feedback_rows))
                 metrics.REPEAT_BATCHES.inc()
+                if turn.state is TurnState.CLAIMED:
+                    # Rolled back after its keys were in (a row's COPY refused a
+                    # repeat): the batch after it must not build on them.
+                    turn.attempt_failed()
                 # Keys the batches before hold must be settled first.
                 await turn.may_commit()
                 async with connection.transaction():
@@ -373,6 +384,9 @@ async def _copy_when_all_new(
     interaction_keys = [(row[1],) for row in interaction_rows]
     try:
         async with connection.transaction():
+            # The event tables' locks first: DDL queued on them (a new partition)
+            # must wait for this transaction, not between two of its statements.
+            await connection.execute(LOCK_EVENT_TABLES)
             await _copy(connection, "event_keys", EVENT_KEY_COLUMNS, event_keys)
             await _copy(
                 connection, "interaction_keys", ("interaction_id",), interaction_keys

@@ -108,3 +108,16 @@ async def test_committed_batch_stays_committed() -> None:
 
     assert turn.state is TurnState.COMMITTED
     assert turn.attempt == 0
+
+
+async def test_final_turn_forgets_the_one_before() -> None:
+    """A steady stream never empties the store: finished turns must not chain up."""
+    first = WriteTurn()
+    second = WriteTurn(first)
+    third = WriteTurn(second)
+    for turn in (first, second):
+        turn.claimed()
+        turn.committed()
+    third.abandon()
+
+    assert (second.before, third.before) == (None, None)

@@ -493,3 +493,82 @@ async def test_repeat_of_a_key_stored_without_its_source_is_only_counted(
     )
 
     assert stored == (0, 0, ())
+
+
+async def test_new_partition_between_overlapping_batches_waits_for_them(
+    pg_settings: PostgresSettings, pg_pool: asyncpg.Pool
+) -> None:
+    """A day partition created while a batch waits for the one before to commit.
+
+    Without the batch's table locks taken first, the creation queued between the
+    two batches' locks makes a cycle PostgreSQL cannot see (the later batch waits
+    for the earlier in the intake), which only the command timeout would end.
+    """
+    command_timeout_s = 8.0
+    pool = await db.create_pool(
+        pg_settings.model_copy(update={"command_timeout_s": command_timeout_s}),
+        jsonb_as="text",
+    )
+    store = EventStore(pool)
+    today, ahead = await pg_pool.fetchrow(
+        "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD'),"
+        " to_char((now() AT TIME ZONE 'UTC')::date + 7, 'YYYYMMDD')"
+    )
+    # The partition the next maintenance run creates.
+    await pg_pool.execute(f"DROP TABLE feedback_p{ahead}")
+    holder = await pg_pool.acquire()
+    try:
+        # Holds the earlier batch inside its COPY into interactions for a moment,
+        # as a large batch would take.
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute(f"LOCK TABLE interactions_p{today} IN SHARE MODE")
+        turn_a = WriteTurn()
+        task_a = asyncio.create_task(
+            store.insert_batch(
+                [interaction_row(make_interaction())],
+                [feedback_row(make_feedback(uuid.uuid4()))],
+                turn_a,
+            )
+        )
+        await wait_until(lambda: turn_a.state is TurnState.CLAIMED)
+        # The later batch writes its feedback and waits for the earlier one.
+        task_b = asyncio.create_task(
+            store.insert_batch(
+                [], [feedback_row(make_feedback(uuid.uuid4()))], WriteTurn(turn_a)
+            )
+        )
+        await wait_until(lambda: session_in(pg_pool, "idle in transaction", "feedback"))
+        maintenance = asyncio.create_task(store.ensure_partitions(7))
+        await wait_until(lambda: session_waits_on_lock(pg_pool, "ensure_event"))
+        await hold.commit()
+
+        async with asyncio.timeout(command_timeout_s / 2):
+            outcomes = await asyncio.gather(task_a, task_b, maintenance)
+    finally:
+        await pg_pool.release(holder)
+        await pool.close()
+
+    assert [outcome.counts for outcome in outcomes[:2]] == [(1, 1), (0, 1)]
+    assert outcomes[2] == 1
+    assert await pg_pool.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"feedback_p{ahead}"
+    )
+
+
+async def session_in(pool: asyncpg.Pool, state: str, query_part: str) -> bool:
+    count = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = $1 AND query LIKE $2",
+        state,
+        f"%{query_part}%",
+    )
+    return bool(count)
+
+
+async def session_waits_on_lock(pool: asyncpg.Pool, query_part: str) -> bool:
+    count = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE $1 AND query NOT LIKE '%pg_stat_activity%'",
+        f"%{query_part}%",
+    )
+    return bool(count)
