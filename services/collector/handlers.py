@@ -38,6 +38,11 @@ MAX_DETAIL_CHARS = 2_000
 FULL_PATH_MARKERS = (b"\\u0000", b"NaN", b"Infinity")
 NUL_ESCAPE, NAN, INFINITY = FULL_PATH_MARKERS
 BACKSLASH, CAPITAL_N, CAPITAL_I = b"\\", b"N", b"I"
+# A dead letter carries at most this much of its record's value (and of its key), so
+# that it fits in one Kafka message of the usual 1 MiB limit (base64 adds a third):
+# a letter too large to publish would hold up every record behind it.
+DEAD_LETTER_MAX_VALUE_BYTES = 512 * 1024
+DEAD_LETTER_MAX_KEY_BYTES = 16 * 1024
 # Dead letters get a stable id per source record, so a replayed batch re-publishes
 # the same dead letter and a reader can de-duplicate it by event_id.
 DEAD_LETTER_NAMESPACE = uuid.UUID("6f1c2f4e-5b1a-4c39-9a43-0d7f3c1a2b10")
@@ -256,16 +261,38 @@ def build_dead_letter(
     value: bytes | None,
     consumer: str,
 ) -> DeadLetter:
-    """The dead-letter event for one refused record, with its original bytes."""
+    """The dead-letter event for one refused record, with its original bytes.
+
+    A value over DEAD_LETTER_MAX_VALUE_BYTES (a key over DEAD_LETTER_MAX_KEY_BYTES)
+    is cut to its first bytes, and the detail says so.
+    """
+    value = value or b""
+    detail = rejection.detail
+    cuts = [
+        f"original_{name}_b64 holds the first {limit:,} of its {len(data):,} bytes"
+        for name, data, limit in (
+            ("value", value, DEAD_LETTER_MAX_VALUE_BYTES),
+            ("key", key or b"", DEAD_LETTER_MAX_KEY_BYTES),
+        )
+        if len(data) > limit
+    ]
+    if cuts:
+        detail = f"{'; '.join(cuts)}. {detail}"
     return DeadLetter(
         event_id=uuid.uuid5(DEAD_LETTER_NAMESPACE, f"{topic}/{partition}/{offset}"),
         reason=rejection.reason.value,
-        detail=_clip(rejection.detail),
+        detail=_clip(detail),
         source_topic=topic,
         source_partition=partition,
         source_offset=offset,
-        original_key_b64=base64.b64encode(key).decode() if key is not None else None,
-        original_value_b64=base64.b64encode(value or b"").decode(),
+        original_key_b64=(
+            base64.b64encode(key[:DEAD_LETTER_MAX_KEY_BYTES]).decode()
+            if key is not None
+            else None
+        ),
+        original_value_b64=base64.b64encode(
+            value[:DEAD_LETTER_MAX_VALUE_BYTES]
+        ).decode(),
         consumer=consumer,
     )
 

@@ -74,6 +74,10 @@ class StoredBatch(NamedTuple):
         return self.interactions, self.feedback
 
 
+# asyncpg's words for a connection left mid-operation (by a lost server process or a
+# cancellation): the connection's fault, not the store's; a new one can write.
+CONNECTION_STATE_ERRORS = ("another operation is in progress", "cannot switch to state")
+
 # SQLSTATE classes that blame the data, not the server: data exception, integrity
 # constraint violation, program limit exceeded. Retrying such a batch cannot help.
 ROW_ERROR_CLASSES = frozenset({"22", "23", "54"})
@@ -318,6 +322,12 @@ class EventStore:
                     turn.claimed()
                 turn.committed()
                 return stored
+            except BaseException as error:
+                if not isinstance(error, asyncpg.PostgresError):
+                    # Cut off mid-operation (a lost connection, a cancellation): the
+                    # session's state is unknown, so it is not reused.
+                    connection.terminate()
+                raise
             finally:
                 await self._pool.release(connection)
         except BaseException as error:
@@ -446,7 +456,7 @@ def _repeat(found: asyncpg.Record) -> Repeat:
         )
     else:
         detail = (
-            f"event {found['event_id']} is stored already, from"
+            f"event {found['event_id']} was seen already, in"
             f" {found['held_topic']} partition {found['held_partition']}"
             f" offset {found['held_offset']}"
         )
@@ -481,7 +491,9 @@ def _wrap(error: Exception) -> CollectorError:
         (error.sqlstate or "")[:2] in ROW_ERROR_CLASSES
     ):
         return RowRefusedError(f"PostgreSQL refused a row: {error!r}")
-    if isinstance(error, asyncpg_base.InternalClientError):
+    if isinstance(error, asyncpg_base.InternalClientError) and not any(
+        state in str(error) for state in CONNECTION_STATE_ERRORS
+    ):
         # A bug (a pool whose jsonb codec cannot COPY, say): retrying cannot help.
         return StoreMisconfiguredError(f"the store cannot write: {error!r}")
     if isinstance(error, asyncpg_base.DataError):

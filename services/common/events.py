@@ -96,9 +96,12 @@ class Interaction(EventModel):
     finish_reason: ShortText | None = None
     error: ErrorInfo | None = None
     usage: Usage = Field(default_factory=Usage)
-    cost_usd: float = Field(default=0.0, ge=0)
-    latency_s: float = Field(ge=0, description="Request received to last byte sent.")
-    time_to_first_token_s: float | None = Field(default=None, ge=0)
+    # Finite: JSON's 1e400 parses as infinity, which would poison every sum.
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    latency_s: float = Field(
+        ge=0, allow_inf_nan=False, description="Request received to last byte sent."
+    )
+    time_to_first_token_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     stream: bool = False
     metadata: dict[str, ShortText] = Field(default_factory=dict)
     started_at: datetime

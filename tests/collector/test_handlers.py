@@ -236,6 +236,31 @@ def test_build_dead_letter_keeps_source_and_bytes_with_stable_id() -> None:
     assert letter.event_id == again.event_id
 
 
+def test_dead_letter_of_a_large_record_fits_one_kafka_message() -> None:
+    """A letter over the broker's message limit would hold up every record after it."""
+    value = b"{" + b"x" * (1024 * 1024)
+    key = b"k" * 100_000
+
+    letter = build_dead_letter(
+        Rejection(RejectReason.OVERSIZED_PAYLOAD, "too large"),
+        topic="t.interactions.v1",
+        partition=0,
+        offset=7,
+        key=key,
+        value=value,
+        consumer="collector",
+    )
+
+    assert len(encode(letter)) < 1_000_000
+    assert base64.b64decode(letter.original_value_b64) == value[: 512 * 1024]
+    assert letter.original_key_b64 is not None
+    assert base64.b64decode(letter.original_key_b64) == key[: 16 * 1024]
+    assert letter.detail.startswith(
+        "original_value_b64 holds the first 524,288 of its 1,048,577 bytes;"
+        " original_key_b64 holds the first 16,384 of its 100,000 bytes. too large"
+    )
+
+
 def test_rows_follow_column_order_and_encode_jsonb_as_text() -> None:
     interaction = Interaction.model_validate(interaction_data(metadata={"a": "b"}))
     feedback = Feedback.model_validate(feedback_data())
@@ -353,3 +378,15 @@ def test_record_row_is_parse_record_then_the_row_builder(
         expected = parsed
 
     assert record_row(kind, value, max_payload_bytes=MAX_BYTES) == expected
+
+
+@pytest.mark.parametrize("field", ["cost_usd", "latency_s", "time_to_first_token_s"])
+def test_parse_record_number_beyond_a_double_is_refused(field: str) -> None:
+    """1e400 parses as infinity: stored, it would poison every sum of its column."""
+    raw = json.dumps(interaction_data(**{field: 1.0})).encode()
+    raw = raw.replace(f'"{field}": 1.0'.encode(), f'"{field}": 1e400'.encode())
+
+    outcome = parse_record(EventKind.INTERACTION, raw, max_payload_bytes=MAX_BYTES)
+
+    assert isinstance(outcome, Rejection)
+    assert outcome.reason is RejectReason.INVALID_JSON

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from asyncpg.exceptions import InternalClientError
 
 from services.collector import metrics
 from services.collector.consumer import Batch, EventConsumer
@@ -31,6 +32,7 @@ from services.collector.store import (
     EventStore,
     RowRefusedError,
     StoreMisconfiguredError,
+    _wrap,
 )
 from services.common import db
 from services.common.events import encode
@@ -476,7 +478,7 @@ async def test_repeat_by_another_record_is_reported_and_a_replay_is_not(
         (topic, 0, 13),
         ("flywheel.feedback.v1", 1, 9),
     }
-    assert f"from {topic} partition 0 offset 10" in reported[(topic, 0, 11)]
+    assert f"seen already, in {topic} partition 0 offset 10" in reported[(topic, 0, 11)]
     assert "interaction_id is stored already" in reported[(topic, 0, 13)]
 
 
@@ -572,3 +574,34 @@ async def session_waits_on_lock(pool: asyncpg.Pool, query_part: str) -> bool:
         f"%{query_part}%",
     )
     return bool(count)
+
+
+async def test_lost_session_is_retriable_and_the_next_batch_gets_a_new_one(
+    store_pool: asyncpg.Pool, pg_pool: asyncpg.Pool
+) -> None:
+    """PostgreSQL ends the session of a batch in flight (a restart, an operator)."""
+    store = EventStore(store_pool)
+    lost, kept = make_interaction(), make_interaction()
+    turn, task = await hold_at_commit(store, [interaction_row(lost)])
+    await pg_pool.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE state = 'idle in transaction' AND query LIKE 'COPY%interactions%'"
+    )
+    turn.release.set()
+
+    with pytest.raises(StoreUnavailableError):
+        async with asyncio.timeout(30):
+            await task
+    stored = await store.insert_batch([interaction_row(kept)], [])
+
+    assert stored.counts == (1, 0)
+    assert await event_id_counts(store_pool, "interactions") == {kept.event_id: 1}
+
+
+def test_connection_left_mid_operation_is_not_a_misconfigured_store() -> None:
+    busy = InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+
+    assert isinstance(_wrap(busy), StoreUnavailableError)
+    assert isinstance(_wrap(InternalClientError("no encoder")), StoreMisconfiguredError)
