@@ -35,7 +35,8 @@ REPEAT_BATCHES = Counter(
 )
 STORE_RETRIES = Counter(
     "flywheel_collector_store_retries_total",
-    "Batches retried because PostgreSQL could not take them.",
+    "Retries of a batch step that failed and may succeed later: PostgreSQL could not"
+    " take its rows, the broker its dead letters or its offsets.",
 )
 BATCH_SIZE = Histogram(
     "flywheel_collector_batch_size",
