@@ -323,9 +323,10 @@ class EventStore:
                 turn.committed()
                 return stored
             except BaseException as error:
-                if not isinstance(error, asyncpg.PostgresError):
+                if not isinstance(error, asyncpg.PostgresError | CollectorError):
                     # Cut off mid-operation (a lost connection, a cancellation): the
-                    # session's state is unknown, so it is not reused.
+                    # session's state is unknown, so it is not reused. (PostgreSQL's
+                    # own errors and this module's leave it rolled back and clean.)
                     connection.terminate()
                 raise
             finally:
