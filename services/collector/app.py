@@ -102,7 +102,13 @@ class App:
         settings = self.settings
         topics = Topics(settings.kafka.topic_prefix)
 
-        producer = make_producer(settings.kafka, client_id=settings.client_id)
+        # Room for the largest dead letter: its value in base64, and the rest.
+        letter_bytes = settings.dead_letter_max_value_bytes * 4 // 3 + 128 * 1024
+        producer = make_producer(
+            settings.kafka,
+            client_id=settings.client_id,
+            max_request_size=max(1024 * 1024, letter_bytes),
+        )
         await producer.start()
         stack.push_async_callback(_close_within, producer.stop, "producer")
 

@@ -347,6 +347,7 @@ class EventConsumer:
                     key=record.key,
                     value=record.value,
                     consumer=self._settings.group_id,
+                    max_value_bytes=self._settings.dead_letter_max_value_bytes,
                 ),
             )
             for record, rejection in rejected

@@ -260,18 +260,19 @@ def build_dead_letter(
     key: bytes | None,
     value: bytes | None,
     consumer: str,
+    max_value_bytes: int = DEAD_LETTER_MAX_VALUE_BYTES,
 ) -> DeadLetter:
     """The dead-letter event for one refused record, with its original bytes.
 
-    A value over DEAD_LETTER_MAX_VALUE_BYTES (a key over DEAD_LETTER_MAX_KEY_BYTES)
-    is cut to its first bytes, and the detail says so.
+    A value over `max_value_bytes` (a key over DEAD_LETTER_MAX_KEY_BYTES) is cut to
+    its first bytes, and the detail says so.
     """
     value = value or b""
     detail = rejection.detail
     cuts = [
         f"original_{name}_b64 holds the first {limit:,} of its {len(data):,} bytes"
         for name, data, limit in (
-            ("value", value, DEAD_LETTER_MAX_VALUE_BYTES),
+            ("value", value, max_value_bytes),
             ("key", key or b"", DEAD_LETTER_MAX_KEY_BYTES),
         )
         if len(data) > limit
@@ -290,9 +291,7 @@ def build_dead_letter(
             if key is not None
             else None
         ),
-        original_value_b64=base64.b64encode(
-            value[:DEAD_LETTER_MAX_VALUE_BYTES]
-        ).decode(),
+        original_value_b64=base64.b64encode(value[:max_value_bytes]).decode(),
         consumer=consumer,
     )
 

@@ -38,6 +38,10 @@ class CollectorSettings(ServiceSettings):
     batch_timeout_ms: int = Field(default=500, ge=1, le=60_000)
     # Larger records are dead-lettered unread (reason `oversized_payload`).
     max_payload_bytes: int = Field(default=MIB, ge=1024)
+    # A dead letter carries at most this much of its record's value (base64 adds a
+    # third): the default fits Kafka's usual 1 MiB message limit. Raise it only with
+    # the dead-letter topic's max.message.bytes (the producer follows this setting).
+    dead_letter_max_value_bytes: int = Field(default=512 * 1024, ge=1024)
     # Runs the shared migrations at start; the embedded default relies on it.
     migrate_on_start: bool = True
 

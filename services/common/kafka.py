@@ -99,9 +99,12 @@ async def wait_for_broker(settings: KafkaSettings, *, timeout_s: float = 30.0) -
             await admin.close()
 
 
-def make_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProducer:
+def make_producer(
+    settings: KafkaSettings, *, client_id: str, max_request_size: int = 1024 * 1024
+) -> AIOKafkaProducer:
     """A producer with acks=all and the configured idempotence (off by default)."""
     return AIOKafkaProducer(
+        max_request_size=max_request_size,
         **settings.client_options(),
         client_id=client_id,
         acks="all",

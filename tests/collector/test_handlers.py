@@ -390,3 +390,21 @@ def test_parse_record_number_beyond_a_double_is_refused(field: str) -> None:
 
     assert isinstance(outcome, Rejection)
     assert outcome.reason is RejectReason.INVALID_JSON
+
+
+def test_dead_letter_keeps_a_large_value_whole_when_its_limit_allows() -> None:
+    value = b"x" * 600_000
+
+    letter = build_dead_letter(
+        Rejection(RejectReason.INVALID_JSON, "bad"),
+        topic="t",
+        partition=0,
+        offset=1,
+        key=None,
+        value=value,
+        consumer="collector",
+        max_value_bytes=1024 * 1024,
+    )
+
+    assert base64.b64decode(letter.original_value_b64) == value
+    assert letter.detail == "bad"
