@@ -40,7 +40,7 @@ from services.collector.handlers import (
     interaction_row,
 )
 from services.collector.settings import CollectorSettings
-from services.collector.store import EVENT_KEY_COLUMNS, Source
+from services.collector.store import EVENT_KEY_COLUMNS, Source, key_rows
 from services.common import db, kafka, lifecycle
 from services.common.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from services.common.events import Feedback, Interaction, encode, utc_now
@@ -216,13 +216,11 @@ async def time_copy(
             ("feedback", FEEDBACK_COLUMNS, feedback_rows),
         ]
         if with_keys:
-            event_keys = [
-                (row[0], *source)
-                for row, source in zip(
-                    interaction_rows + feedback_rows, sources, strict=True
-                )
-            ]
-            interaction_keys = [(row[1],) for row in interaction_rows]
+            event_keys, interaction_keys = key_rows(
+                interaction_rows,
+                feedback_rows,
+                (sources[: len(interactions)], sources[len(interactions) :]),
+            )
             tables = [
                 ("event_keys", EVENT_KEY_COLUMNS, event_keys),
                 ("interaction_keys", ("interaction_id",), interaction_keys),

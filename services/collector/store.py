@@ -371,6 +371,22 @@ class EventStore:
         return int(count)
 
 
+def key_rows(
+    interaction_rows: Sequence[tuple[Any, ...]],
+    feedback_rows: Sequence[tuple[Any, ...]],
+    sources: tuple[Sequence[Source], Sequence[Source]],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The key rows of a batch: `event_keys` (EVENT_KEY_COLUMNS), `interaction_keys`."""
+    event_keys = [
+        (row[0], *source)
+        for rows, row_sources in zip(
+            (interaction_rows, feedback_rows), sources, strict=True
+        )
+        for row, source in zip(rows, row_sources, strict=True)
+    ]
+    return event_keys, [(row[1],) for row in interaction_rows]
+
+
 async def _copy_when_all_new(
     connection: asyncpg.Connection,
     interaction_rows: Sequence[tuple[Any, ...]],
@@ -383,16 +399,7 @@ async def _copy_when_all_new(
     A key another open transaction holds makes its COPY wait for that transaction,
     as an insert would: taken if it commits, free if it rolls back.
     """
-    interaction_sources, feedback_sources = sources
-    event_keys = [
-        (row[0], *source)
-        for row, source in zip(interaction_rows, interaction_sources, strict=True)
-    ]
-    event_keys += [
-        (row[0], *source)
-        for row, source in zip(feedback_rows, feedback_sources, strict=True)
-    ]
-    interaction_keys = [(row[1],) for row in interaction_rows]
+    event_keys, interaction_keys = key_rows(interaction_rows, feedback_rows, sources)
     try:
         async with connection.transaction():
             # The event tables' locks first: DDL queued on them (a new partition)
